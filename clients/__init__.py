@@ -1,0 +1,1 @@
+"""The ClientApp: thin Message-API handlers that call into :mod:`fedunlearn`."""

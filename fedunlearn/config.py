@@ -1,0 +1,252 @@
+"""The run configuration: every key, its default, its type and its valid values, in one place.
+
+This table is the single source of truth. ``pyproject.toml``'s ``[tool.flwr.app.config]`` and the
+README's key table are generated from it (``python -m fedunlearn.config --write``) and a test
+keeps them in sync. Keys are kebab-case, as Flower's run config is.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedunlearn.errors import ConfigError
+
+ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    name: str
+    default: ConfigValue
+    help: str
+    choices: tuple[str, ...] | None = None
+    # Returns a description of the valid range when the value is out of it, else None.
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def valid_description(self) -> str:
+        if self.choices is not None:
+            return ", ".join(self.choices)
+        probe = self.check(_OUT_OF_RANGE_PROBE) if self.check else None
+        return probe or f"a {self.kind.__name__}"
+
+
+_OUT_OF_RANGE_PROBE = object()
+
+
+def _range(description: str, predicate: Callable[[float], bool]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is _OUT_OF_RANGE_PROBE:
+            return description
+        return None if predicate(value) else description
+
+    return check
+
+
+positive_int = _range("an integer >= 1", lambda v: v >= 1)
+non_negative_int = _range("an integer >= 0", lambda v: v >= 0)
+positive_float = _range("a number > 0", lambda v: v > 0 and math.isfinite(v))
+non_negative_float = _range("a number >= 0", lambda v: v >= 0 and math.isfinite(v))
+unit_interval = _range("a number in (0, 1]", lambda v: 0 < v <= 1)
+closed_unit_interval = _range("a number in [0, 1]", lambda v: 0 <= v <= 1)
+momentum_range = _range("a number in [0, 1)", lambda v: 0 <= v < 1)
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("logreg", "simple-cnn", "resnet18", "vit-lite")
+
+KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey("dataset", "digits", "Data set; digits ships with scikit-learn, the others load from data-dir.", DATASETS),
+    ConfigKey("data-dir", "data", "Folder holding torchvision data sets (relative to the working directory)."),
+    ConfigKey("download", False, "Download mnist / fashion-mnist / cifar10 into data-dir when missing."),
+    ConfigKey("model", "simple-cnn", "Model architecture.", MODELS),
+    ConfigKey("num-clients", 10, "Number of clients (Flower SuperNodes / partitions).", check=positive_int),
+    ConfigKey("partition", "dirichlet", "How the training set is split over clients.", ("dirichlet", "iid")),
+    ConfigKey("dirichlet-alpha", 0.5, "Dirichlet concentration per label; small is more skewed.", check=positive_float),
+    ConfigKey("min-partition-size", 10, "Smallest client data set the Dirichlet partitioner accepts.", check=positive_int),
+    ConfigKey("num-rounds", 20, "FedAvg rounds.", check=positive_int),
+    ConfigKey("local-epochs", 5, "Local epochs per round on each sampled client.", check=positive_int),
+    ConfigKey("batch-size", 64, "Local mini-batch size.", check=positive_int),
+    ConfigKey("lr", 0.01, "Local SGD learning rate.", check=positive_float),
+    ConfigKey("momentum", 0.9, "Local SGD momentum (buffer reset every round).", check=momentum_range),
+    ConfigKey("seed", 0, "Drives partitions, initialisation, client sampling and shuffling.", check=non_negative_int),
+    ConfigKey("fraction-train", 1.0, "Fraction of clients sampled for training each round.", check=unit_interval),
+    ConfigKey("fraction-evaluate", 0.0, "Fraction of clients that evaluate the global model on their own data each round.", check=closed_unit_interval),
+    ConfigKey("device", "auto", "Where clients and server compute; auto takes a GPU when the node has one.", ("auto", "cpu", "cuda")),
+    ConfigKey("client-num-cpus", 1.0, "CPUs Ray reserves per simulated client.", check=positive_float),
+    ConfigKey("client-num-gpus", 0.0, "GPUs (fractions allowed) Ray reserves per simulated client.", check=non_negative_float),
+    ConfigKey("out-dir", "runs/latest", "Where results.json and results.csv go (the CLI's --out sets it)."),
+)
+
+KEYS_BY_NAME: dict[str, ConfigKey] = {key.name: key for key in KEYS}
+
+
+def defaults() -> dict[str, ConfigValue]:
+    return {key.name: key.default for key in KEYS}
+
+
+def coerce_value(key: ConfigKey, value: Any) -> ConfigValue:
+    """Turn a value from TOML, Flower's run config or the command line into the key's type."""
+    kind = key.kind
+    if isinstance(value, str) and kind is not str:
+        value = _parse_scalar(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key.name, value, ("true", "false"))
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(key.name, value, key.valid_description())
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key.name, value, key.valid_description())
+        value = float(value)
+    elif kind is str:
+        value = str(value)
+    if key.choices is not None and value not in key.choices:
+        raise ConfigError(key.name, value, key.choices)
+    if key.check is not None and key.check(value) is not None:
+        raise ConfigError(key.name, value, key.valid_description())
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def resolve(*layers: Mapping[str, Any]) -> dict[str, ConfigValue]:
+    """Defaults, then each layer on top (preset, then overrides); every key checked."""
+    config = defaults()
+    for layer in layers:
+        for name, value in layer.items():
+            key = KEYS_BY_NAME.get(name)
+            if key is None:
+                raise ConfigError(name, value, sorted(KEYS_BY_NAME), reason="unknown key")
+            config[name] = coerce_value(key, value)
+    return config
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse Flower's ``--run-config`` syntax: ``"key=value key2=value2"`` (TOML values, quotes optional)."""
+    overrides: dict[str, Any] = {}
+    for item in _split_respecting_quotes(text):
+        if "=" not in item:
+            raise ConfigError("--run-config", item, "key=value pairs separated by spaces")
+        name, raw = item.split("=", 1)
+        name = name.strip()
+        raw = raw.strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            overrides[name] = raw[1:-1]
+        else:
+            overrides[name] = raw
+    return overrides
+
+
+def _split_respecting_quotes(text: str) -> list[str]:
+    items, current, quote = [], [], ""
+    for char in text:
+        if quote:
+            current.append(char)
+            if char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+            current.append(char)
+        elif char.isspace() or char == ",":
+            if current:
+                items.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+    if current:
+        items.append("".join(current))
+    return items
+
+
+def load_toml(path: str | Path, key_for_errors: str = "--config") -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(key_for_errors, str(path), "an existing TOML file", reason="file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(key_for_errors, str(path), "a valid TOML file", reason=str(error)) from None
+    # A preset keeps its keys under [run-config] beside a description; a plain file has them at top level.
+    if "run-config" in data:
+        return dict(data["run-config"])
+    data.pop("description", None)
+    return data
+
+
+# --- generated artefacts ---------------------------------------------------------------------
+
+def toml_value(value: ConfigValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def pyproject_config_block() -> str:
+    lines = ["[tool.flwr.app.config]"]
+    lines += [f"{key.name} = {toml_value(key.default)}" for key in KEYS]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    rows = ["| key | default | valid values | meaning |", "|---|---|---|---|"]
+    for key in KEYS:
+        rows.append(f"| `{key.name}` | `{toml_value(key.default)}` | {key.valid_description()} | {key.help} |")
+    return "\n".join(rows) + "\n"
+
+
+PYPROJECT_BLOCK_HEADER = "[tool.flwr.app.config]"
+README_TABLE_START = "<!-- keys:start (generated by `python -m fedunlearn.config --write`) -->"
+README_TABLE_END = "<!-- keys:end -->"
+
+
+def with_pyproject_block(pyproject_text: str) -> str:
+    """``pyproject_text`` with its run-config block replaced by the generated one."""
+    head, header, tail = pyproject_text.partition(PYPROJECT_BLOCK_HEADER)
+    if not header:
+        return pyproject_text.rstrip("\n") + "\n\n" + pyproject_config_block()
+    following = tail.find("\n[")
+    rest = tail[following + 1 :] if following >= 0 else ""
+    return head + pyproject_config_block() + ("\n" + rest if rest else "")
+
+
+def with_readme_table(readme_text: str) -> str:
+    head, start, tail = readme_text.partition(README_TABLE_START)
+    if not start:
+        return readme_text
+    _, end, rest = tail.partition(README_TABLE_END)
+    return head + start + "\n" + markdown_table() + end + rest
+
+
+def _write_generated(root: Path) -> None:
+    for name, transform in (("pyproject.toml", with_pyproject_block), ("README.md", with_readme_table)):
+        path = root / name
+        if path.exists():
+            path.write_text(transform(path.read_text()))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        _write_generated(Path.cwd())
+    else:
+        sys.stdout.write(pyproject_config_block())

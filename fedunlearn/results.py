@@ -1,0 +1,94 @@
+"""What a run writes: ``results.json`` (everything) and ``results.csv`` / ``rounds.csv`` (tables).
+
+Files are written to a temporary name and renamed, so a crash never leaves half a results file
+and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROUND_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "local_accuracy", "seconds")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("fedunlearn", "flwr", "flwr-datasets", "torch", "torchvision", "numpy", "scikit-learn", "ray"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
+def _csv_text(columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+@dataclass
+class RunRecord:
+    """Accumulates one run's numbers as they happen."""
+
+    config: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    partitions: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def round_entry(self, server_round: int) -> dict[str, Any]:
+        for entry in self.rounds:
+            if entry["round"] == server_round:
+                return entry
+        entry = {"round": server_round}
+        self.rounds.append(entry)
+        self.rounds.sort(key=lambda item: item["round"])
+        return entry
+
+    def as_dict(self) -> dict[str, Any]:
+        final = dict(self.rounds[-1]) if self.rounds else {}
+        final.pop("seconds", None)
+        return {
+            "config": self.config,
+            "rounds": self.rounds,
+            "final": final,
+            "partitions": self.partitions,
+            "models": self.models,
+            "wall_seconds": round(self.elapsed(), 3),
+            "versions": library_versions(),
+        }
+
+    def write(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        document = self.as_dict()
+        atomic_write_text(out / "results.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(out / "rounds.csv", _csv_text(ROUND_COLUMNS, self.rounds))
+        model_rows = [{"model": name, **values} for name, values in self.models.items()]
+        model_columns = ["model"] + sorted({key for row in model_rows for key in row if key != "model"})
+        atomic_write_text(out / "results.csv", _csv_text(model_columns, model_rows))
+        return out / "results.json"

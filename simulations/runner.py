@@ -1,0 +1,45 @@
+"""Run one configured job in-process on Flower's simulation engine (Ray backend)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fedunlearn.environment import prepare_environment, quiet_logging, ray_temp_dir
+from fedunlearn.results import RunRecord
+
+
+def backend_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": config["client-num-cpus"], "num_gpus": config["client-num-gpus"]},
+        "init_args": {
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+            "include_dashboard": False,
+            "_temp_dir": str(ray_temp_dir()),
+        },
+    }
+
+
+def run_job(config: dict[str, Any], on_round=None, verbose: bool = False) -> RunRecord:
+    """Train (and, in later stages, unlearn and evaluate) as ``config`` says; returns the record."""
+    prepare_environment()
+    from flwr.simulation import run_simulation
+
+    quiet_logging(verbose)
+
+    from clients.client_app import build_client_app
+    from strategies.server_app import build_server_app
+
+    records: list[RunRecord] = []
+    server_app = build_server_app(bound_config=config, on_round=on_round, on_record=records.append)
+    run_simulation(
+        server_app=server_app,
+        client_app=build_client_app(bound_config=config),
+        num_supernodes=config["num-clients"],
+        backend_config=backend_config(config),
+        verbose_logging=verbose,
+    )
+    if not records:
+        raise RuntimeError("the simulation ended without a result; run again with --verbose to see Flower's log")
+    return records[0]

@@ -1,0 +1,142 @@
+"""FedAvg that knows which node holds which partition.
+
+Flower's FedAvg samples node ids with Python's ``random``; node ids are random per run, so a
+seeded ``random`` still picks different *partitions* from run to run. This subclass first asks
+every node which partition it holds (a ``query.identify`` round), then samples partitions with
+its own seeded generator and orders replies by partition before averaging, so a seed fixes the
+whole run. The same map later routes ``train.unlearn`` messages to the nodes that held deleted data.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+IDENTIFY = f"{MessageType.QUERY}.identify"
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    partition_id: int
+    node_id: int
+    num_examples: int
+    label_histogram: tuple[int, ...]
+
+
+class ClientDiscoveryError(RuntimeError):
+    pass
+
+
+class UnlearningFedAvg(FedAvg):
+    def __init__(self, *, num_clients: int, seed: int, identify_timeout: float = 120.0, **fedavg_options):
+        fedavg_options.setdefault("min_train_nodes", 1)
+        fedavg_options.setdefault("min_evaluate_nodes", 1 if fedavg_options.get("fraction_evaluate", 1.0) else 0)
+        fedavg_options.setdefault("min_available_nodes", num_clients)
+        super().__init__(**fedavg_options)
+        self.num_clients = num_clients
+        self.identify_timeout = identify_timeout
+        self.sampler = random.Random(seed)
+        self.clients: dict[int, ClientInfo] = {}
+        self.trained_partitions: dict[int, list[int]] = {}
+        # Aggregated client metrics by round, readable while the round is still running
+        # (Strategy.start only hands its Result back at the end).
+        self.client_metrics: dict[int, dict[str, float]] = {}
+
+    # --- who holds what ------------------------------------------------------------------------
+
+    def discover_clients(self, grid: Grid) -> dict[int, ClientInfo]:
+        deadline = time.monotonic() + self.identify_timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise ClientDiscoveryError(
+                    f"only {len(node_ids)} of num-clients={self.num_clients} nodes connected "
+                    f"within {self.identify_timeout:.0f} s"
+                )
+            time.sleep(0.5)
+        messages = [
+            Message(content=RecordDict(), message_type=IDENTIFY, dst_node_id=node_id) for node_id in node_ids
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=self.identify_timeout))
+        failures = [reply for reply in replies if reply.has_error()]
+        if failures or len(replies) != len(node_ids):
+            reasons = "; ".join(reply.error.reason for reply in failures) or "missing replies"
+            raise ClientDiscoveryError(f"{len(failures)} of {len(node_ids)} nodes failed to identify: {reasons}")
+        clients: dict[int, ClientInfo] = {}
+        for reply in replies:
+            record = reply.content["client"]
+            partition_id = int(record["partition-id"])
+            if partition_id in clients:
+                raise ClientDiscoveryError(f"two nodes claim partition-id {partition_id}; check their node config")
+            clients[partition_id] = ClientInfo(
+                partition_id=partition_id,
+                node_id=reply.metadata.src_node_id,
+                num_examples=int(record["num-examples"]),
+                label_histogram=tuple(int(count) for count in record["label-histogram"]),
+            )
+        self.clients = dict(sorted(clients.items()))
+        return self.clients
+
+    def node_of(self, partition_id: int) -> int:
+        return self.clients[partition_id].node_id
+
+    def _sample_partitions(self, fraction: float, minimum: int) -> list[int]:
+        partitions = sorted(self.clients)
+        size = min(len(partitions), max(int(len(partitions) * fraction), minimum))
+        return sorted(self.sampler.sample(partitions, size))
+
+    def _messages_for(self, partitions: list[int], record: RecordDict, message_type: str) -> list[Message]:
+        return [
+            Message(content=record, message_type=message_type, dst_node_id=self.node_of(partition))
+            for partition in partitions
+        ]
+
+    # --- FedAvg hooks -----------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        partitions = self._sample_partitions(self.fraction_train, self.min_train_nodes)
+        self.trained_partitions[server_round] = partitions
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._messages_for(partitions, record, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        partitions = self._sample_partitions(self.fraction_evaluate, self.min_evaluate_nodes)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._messages_for(partitions, record, MessageType.EVALUATE)
+
+    @staticmethod
+    def _by_partition(replies: Iterable[Message]) -> list[Message]:
+        # Float sums depend on order; replies arrive in completion order.
+        def partition_of(reply: Message) -> int:
+            return -1 if reply.has_error() else int(reply.content["client"]["partition-id"])
+
+        return sorted(replies, key=partition_of)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, self._by_partition(replies))
+        if metrics is not None:
+            self.client_metrics.setdefault(server_round, {}).update(metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, self._by_partition(replies))
+        if metrics is not None:
+            self.client_metrics.setdefault(server_round, {}).update(metrics)
+        return metrics
