@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install sync-docs clean
+.PHONY: run test install sync-docs clean flwr-run
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,6 @@ sync-docs: $(STAMP)
 
 clean:
 	rm -rf .cache runs
+
+flwr-run: $(STAMP)
+	$(VENV)/bin/python -m simulations.flwr_local $(ARGS)
