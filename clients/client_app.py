@@ -8,7 +8,11 @@ the resolved config when it builds the app (:func:`build_client_app`).
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,6 +20,8 @@ from flwr.clientapp import ClientApp
 from fedunlearn import config as run_config
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.training import derive_seed, evaluate, resolve_device, train_local
+from fedunlearn.unlearning import get_method
+from fedunlearn.unlearning.objective import batches_of, objective_curvature_product, objective_gradient
 
 
 def _federation_for(context: Context, bound_config: dict[str, Any] | None) -> tuple[Federation, int]:
@@ -84,7 +90,93 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         )
         return Message(content=content, reply_to=message)
 
+    @app.train("unlearn")
+    def unlearn(message: Message, context: Context) -> Message:
+        """Run the requested method on this client's own data (all of it: client-grain deletion)."""
+        federation, partition_id = _federation_for(context, bound_config)
+        request = message.content["config"]
+        method = get_method(str(request["method"]))
+        device = resolve_device(federation.config["device"])
+        model = federation.new_model()
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        model.to(device)
+        forget_data = federation.client_data(partition_id)
+        forget_batches = _on_device(batches_of(forget_data, federation.config["curvature-batch-size"]), device)
+        start = time.perf_counter()
+        method_config = dict(
+            federation.config,
+            **{"num-total-examples": int(request["num-total-examples"]), "partition-id": partition_id},
+        )
+        influence_weight = len(forget_data) * float(request["influence-weight-per-example"])
+        update = method.solve(model, forget_batches, influence_weight, method_config)
+        seconds = time.perf_counter() - start
+        identity = _client_identity(partition_id)
+        identity["diagnostics"] = json.dumps(update.diagnostics, default=_jsonable)
+        if update.epsilon is not None:
+            identity["epsilon"] = float(update.epsilon)
+        content = RecordDict(
+            {
+                "update": ArrayRecord({name: d.detach().cpu().contiguous() for name, d in zip(update.param_names, update.delta)}),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": update.num_forget_examples,
+                        "forget-gradient-norm": update.forget_gradient_norm,
+                        "seconds": seconds,
+                    }
+                ),
+                "client": identity,
+            }
+        )
+        return Message(content=content, reply_to=message)
+
+    def _products(message: Message, context: Context, compute) -> Message:
+        federation, partition_id = _federation_for(context, bound_config)
+        device = resolve_device(federation.config["device"])
+        model = federation.new_model()
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        model.to(device)
+        names = [str(name) for name in message.content["config"]["param-names"]]
+        batches = _on_device(
+            batches_of(federation.client_data(partition_id), federation.config["curvature-batch-size"]), device
+        )
+        result = compute(model, names, batches)
+        content = RecordDict(
+            {
+                "result": ArrayRecord({name: r.detach().cpu().contiguous() for name, r in zip(names, result)}),
+                "metrics": MetricRecord({"num-examples": len(federation.client_data(partition_id))}),
+                "client": _client_identity(partition_id),
+            }
+        )
+        return Message(content=content, reply_to=message)
+
+    @app.query("gradient")
+    def local_gradient(message: Message, context: Context) -> Message:
+        """∇L_j(θ*) of this client's objective (hf-kcu-global's right-hand side)."""
+        return _products(message, context, objective_gradient)
+
+    @app.query("curvature")
+    def local_curvature_product(message: Message, context: Context) -> Message:
+        """H_j v or G_j v of this client's objective (one CG iteration of hf-kcu-global)."""
+        vector_record = message.content["vector"].to_torch_state_dict()
+        curvature = str(message.content["config"]["curvature"])
+
+        def product(model, names, batches):
+            vector = [vector_record[name].to(next(model.parameters()).device) for name in names]
+            return objective_curvature_product(model, names, batches, vector, curvature)
+
+        return _products(message, context, product)
+
     return app
+
+
+def _on_device(batches, device):
+    return [(inputs.to(device), targets.to(device)) for inputs, targets in batches]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
 
 
 # Entry point for `flwr run` (pyproject's [tool.flwr.app.components]).

@@ -62,8 +62,8 @@ def _command_run(args: argparse.Namespace) -> int:
     from fedunlearn.report import print_summary, progress_over_rounds
     from simulations.runner import run_job
 
-    with progress_over_rounds(config["num-rounds"]) as on_round:
-        record = run_job(config, on_round=on_round, verbose=args.verbose)
+    with progress_over_rounds(config["num-rounds"]) as progress:
+        record = run_job(config, on_round=progress.on_round, on_phase=progress.on_phase, verbose=args.verbose)
     print_summary(record, federation)
     return 0
 

@@ -59,6 +59,18 @@ unit_interval = _range("a number in (0, 1]", lambda v: 0 < v <= 1)
 closed_unit_interval = _range("a number in [0, 1]", lambda v: 0 <= v <= 1)
 momentum_range = _range("a number in [0, 1)", lambda v: 0 <= v < 1)
 
+def _method_list(value: Any) -> str | None:
+    from fedunlearn.unlearning import METHODS
+
+    description = "a comma list of " + ", ".join(sorted(METHODS))
+    if value is _OUT_OF_RANGE_PROBE:
+        return description
+    names = [part.strip() for part in str(value).split(",") if part.strip()]
+    return None if all(name in METHODS for name in names) else description
+
+
+_open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
+
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("logreg", "simple-cnn", "resnet18", "vit-lite")
 
@@ -82,7 +94,33 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("device", "auto", "Where clients and server compute; auto takes a GPU when the node has one.", ("auto", "cpu", "cuda")),
     ConfigKey("client-num-cpus", 1.0, "CPUs Ray reserves per simulated client.", check=positive_float),
     ConfigKey("client-num-gpus", 0.0, "GPUs (fractions allowed) Ray reserves per simulated client.", check=non_negative_float),
+    ConfigKey("round-timeout", 3600.0, "Seconds the server waits for the replies of one round (Flower's default).", check=positive_float),
     ConfigKey("out-dir", "runs/latest", "Where results.json and results.csv go (the CLI's --out sets it)."),
+    # --- deletion requests and unlearning ---
+    ConfigKey("forget-clients", "0", "Partition ids whose whole data is deleted (comma list; empty: none)."),
+    ConfigKey("deletion-requests", "", "A JSON file of deletion requests (client / samples / class grain), added to forget-clients."),
+    ConfigKey("unlearn-after-round", 0, "Round after which requests are applied; 0 means after the last round.", check=non_negative_int),
+    ConfigKey("unlearn-methods", "hf-kcu,hf-kcu-global,kfac", "Methods applied, each from the same trained model (comma list).", check=_method_list),
+    ConfigKey("unlearn-timeout", 600.0, "Seconds to wait for the affected clients' replies before the request fails.", check=positive_float),
+    ConfigKey("damping", 0.01, "λ added to the curvature (HF-KCU eq. 20; both KFAC factors for kfac).", check=non_negative_float),
+    ConfigKey("curvature", "hessian", "Curvature whose products CG uses.", ("hessian", "ggn")),
+    ConfigKey("negative-curvature", "ggn", "When CG meets curvature <= 0: keep the iterate (stop), redo on the GGN, raise damping x10, or fail.", ("stop", "ggn", "damping", "raise")),
+    ConfigKey("cg-iters", 20, "CG iteration cap (hf-kcu-global: one communication round each).", check=positive_int),
+    ConfigKey("cg-tol", 1e-6, "CG stops when the residual norm is below cg-tol times the right-hand side's.", check=positive_float),
+    ConfigKey("curvature-batch-size", 256, "Batch size of the curvature and gradient passes.", check=positive_int),
+    ConfigKey("scaling-constant", 1.0, "HF-KCU's adaptive scaling (eq. 21, reconstructed): a client update longer than this (L2 norm) is shortened to it; 0 disables.", check=non_negative_float),
+    ConfigKey("factor-solver", "dense", "How kfac inverts each Kronecker factor.", ("dense", "mpo", "nystrom", "auto")),
+    ConfigKey("kfac-rank", 16, "MPO bond dimension r for factors wider than mpo-threshold.", check=positive_int),
+    ConfigKey("nystrom-rank", 128, "Rank of the Nyström approximation of a factor.", check=positive_int),
+    ConfigKey("mpo-threshold", 256, "Factors of at most this dimension are always solved dense.", check=positive_int),
+    ConfigKey("factor-memory-budget", 268435456, "Bytes one dense factor may take before factor-solver=auto compresses it.", check=positive_int),
+    ConfigKey("prop2-fallback", "dense", "When the poster's Proposition 2 condition fails for an MPO factor: solve dense, or fail.", ("dense", "raise")),
+    ConfigKey("kfac-uncovered", "identity", "Parameters outside Linear/Conv2d layers under kfac: damped identity (g/λ) or no update.", ("identity", "zero")),
+    ConfigKey("noise-sigma", 0.0, "Gaussian noise σ added to each kfac update (TensorUnlearn); > 0 gives a certified ε.", check=non_negative_float),
+    ConfigKey("delta", 1e-5, "δ of the (ε, δ) certificate.", check=_open_unit_interval),
+    ConfigKey("mia-shadows", 2, "Shadow models of the membership-inference attack (0: loss-threshold attack only).", check=non_negative_int),
+    ConfigKey("mia-shadow-epochs", 20, "Epochs each shadow model trains on its half of the remaining clients' data.", check=positive_int),
+    ConfigKey("retrain-cache", True, "Reuse a retrained oracle model with the same configuration from the project cache."),
 )
 
 KEYS_BY_NAME: dict[str, ConfigKey] = {key.name: key for key in KEYS}
@@ -163,7 +201,7 @@ def _split_respecting_quotes(text: str) -> list[str]:
         elif char in "\"'":
             quote = char
             current.append(char)
-        elif char.isspace() or char == ",":
+        elif char.isspace():
             if current:
                 items.append("".join(current))
                 current = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import time
@@ -16,6 +17,16 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
 
 ROUND_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "local_accuracy", "seconds")
 
@@ -56,7 +67,8 @@ class RunRecord:
     started: float = field(default_factory=time.perf_counter)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     partitions: dict[str, Any] = field(default_factory=dict)
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    communication: dict[str, Any] = field(default_factory=dict)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -78,7 +90,8 @@ class RunRecord:
             "rounds": self.rounds,
             "final": final,
             "partitions": self.partitions,
-            "models": self.models,
+            "methods": self.methods,
+            "communication": self.communication,
             "wall_seconds": round(self.elapsed(), 3),
             "versions": library_versions(),
         }
@@ -86,9 +99,14 @@ class RunRecord:
     def write(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         document = self.as_dict()
-        atomic_write_text(out / "results.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
+        # Strict JSON: an undefined number (CF with a zero denominator, a speedup over 0 s) is null.
+        atomic_write_text(out / "results.json", json.dumps(json_ready(document), indent=2, allow_nan=False) + "\n")
         atomic_write_text(out / "rounds.csv", _csv_text(ROUND_COLUMNS, self.rounds))
-        model_rows = [{"model": name, **values} for name, values in self.models.items()]
-        model_columns = ["model"] + sorted({key for row in model_rows for key in row if key != "model"})
-        atomic_write_text(out / "results.csv", _csv_text(model_columns, model_rows))
+        # One row per method; nested diagnostics stay in results.json.
+        method_rows = [
+            {"method": name, **{k: v for k, v in values.items() if not isinstance(v, (dict, list))}}
+            for name, values in self.methods.items()
+        ]
+        columns = ["method"] + sorted({key for row in method_rows for key in row if key != "method"})
+        atomic_write_text(out / "results.csv", _csv_text(columns, method_rows))
         return out / "results.json"

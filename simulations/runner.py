@@ -21,7 +21,7 @@ def backend_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_job(config: dict[str, Any], on_round=None, verbose: bool = False) -> RunRecord:
+def run_job(config: dict[str, Any], on_round=None, on_phase=None, verbose: bool = False) -> RunRecord:
     """Train (and, in later stages, unlearn and evaluate) as ``config`` says; returns the record."""
     prepare_environment()
     from flwr.simulation import run_simulation
@@ -32,7 +32,7 @@ def run_job(config: dict[str, Any], on_round=None, verbose: bool = False) -> Run
     from strategies.server_app import build_server_app
 
     records: list[RunRecord] = []
-    server_app = build_server_app(bound_config=config, on_round=on_round, on_record=records.append)
+    server_app = build_server_app(bound_config=config, on_round=on_round, on_record=records.append, on_phase=on_phase)
     run_simulation(
         server_app=server_app,
         client_app=build_client_app(bound_config=config),

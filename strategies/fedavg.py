@@ -33,17 +33,33 @@ class ClientDiscoveryError(RuntimeError):
     pass
 
 
+class UnlearningFailed(RuntimeError):
+    """An affected client failed or timed out: the request fails and θ* stays as it was."""
+
+
 class UnlearningFedAvg(FedAvg):
-    def __init__(self, *, num_clients: int, seed: int, identify_timeout: float = 120.0, **fedavg_options):
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        seed: int,
+        round_timeout: float = 3600.0,
+        excluded_partitions: tuple[int, ...] = (),
+        **fedavg_options,
+    ):
         fedavg_options.setdefault("min_train_nodes", 1)
         fedavg_options.setdefault("min_evaluate_nodes", 1 if fedavg_options.get("fraction_evaluate", 1.0) else 0)
         fedavg_options.setdefault("min_available_nodes", num_clients)
         super().__init__(**fedavg_options)
         self.num_clients = num_clients
-        self.identify_timeout = identify_timeout
+        self.round_timeout = round_timeout
         self.sampler = random.Random(seed)
         self.clients: dict[int, ClientInfo] = {}
         self.trained_partitions: dict[int, list[int]] = {}
+        # Deleted clients take no part in training (the retrain oracle, training after a deletion).
+        self.excluded_partitions = set(excluded_partitions)
+        # Every message this strategy sent, for the communication account in results.json (and tests).
+        self.message_log: list[dict[str, object]] = []
         # Aggregated client metrics by round, readable while the round is still running
         # (Strategy.start only hands its Result back at the end).
         self.client_metrics: dict[int, dict[str, float]] = {}
@@ -51,18 +67,18 @@ class UnlearningFedAvg(FedAvg):
     # --- who holds what ------------------------------------------------------------------------
 
     def discover_clients(self, grid: Grid) -> dict[int, ClientInfo]:
-        deadline = time.monotonic() + self.identify_timeout
+        deadline = time.monotonic() + self.round_timeout
         while len(node_ids := sorted(grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
                 raise ClientDiscoveryError(
                     f"only {len(node_ids)} of num-clients={self.num_clients} nodes connected "
-                    f"within {self.identify_timeout:.0f} s"
+                    f"within {self.round_timeout:.0f} s"
                 )
             time.sleep(0.5)
         messages = [
             Message(content=RecordDict(), message_type=IDENTIFY, dst_node_id=node_id) for node_id in node_ids
         ]
-        replies = list(grid.send_and_receive(messages, timeout=self.identify_timeout))
+        replies = list(grid.send_and_receive(messages, timeout=self.round_timeout))
         failures = [reply for reply in replies if reply.has_error()]
         if failures or len(replies) != len(node_ids):
             reasons = "; ".join(reply.error.reason for reply in failures) or "missing replies"
@@ -86,15 +102,29 @@ class UnlearningFedAvg(FedAvg):
         return self.clients[partition_id].node_id
 
     def _sample_partitions(self, fraction: float, minimum: int) -> list[int]:
-        partitions = sorted(self.clients)
+        partitions = sorted(set(self.clients) - self.excluded_partitions)
         size = min(len(partitions), max(int(len(partitions) * fraction), minimum))
         return sorted(self.sampler.sample(partitions, size))
 
     def _messages_for(self, partitions: list[int], record: RecordDict, message_type: str) -> list[Message]:
+        self.message_log.extend({"type": message_type, "partition": partition} for partition in partitions)
         return [
             Message(content=record, message_type=message_type, dst_node_id=self.node_of(partition))
             for partition in partitions
         ]
+
+    def exchange(self, grid: Grid, partitions: list[int], record: RecordDict, message_type: str, timeout: float) -> dict[int, Message]:
+        """Send ``record`` to ``partitions``; all must answer without error, else :class:`UnlearningFailed`."""
+        replies = list(grid.send_and_receive(self._messages_for(partitions, record, message_type), timeout=timeout))
+        by_partition: dict[int, Message] = {}
+        for reply in replies:
+            if reply.has_error():
+                raise UnlearningFailed(f"{message_type}: a client failed: {reply.error.reason}")
+            by_partition[int(reply.content["client"]["partition-id"])] = reply
+        missing = sorted(set(partitions) - set(by_partition))
+        if missing:
+            raise UnlearningFailed(f"{message_type}: no reply from client(s) {missing} within {timeout:.0f} s")
+        return dict(sorted(by_partition.items()))
 
     # --- FedAvg hooks -----------------------------------------------------------------------------
 

@@ -1,13 +1,14 @@
-"""ServerApp: identify clients, run FedAvg with server-side test evaluation every round, write results.
+"""ServerApp: identify clients, train with FedAvg, take deletion requests, unlearn with each
+configured method, retrain the oracle, evaluate everything against it, write the results.
 
 Under ``flwr run`` the config comes from ``context.run_config``; the CLI, which uses
 ``flwr.simulation.run_simulation`` (no run config there), binds it with :func:`build_server_app`
-along with a progress callback.
+along with progress callbacks.
 """
 
 from __future__ import annotations
 
-import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,87 +18,221 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn import config as run_config
-from fedunlearn.data import load_dataset
-from fedunlearn.models import build_model
+from fedunlearn import retrain_cache
+from fedunlearn.errors import ConfigError
+from fedunlearn.evaluation import evaluate_models
+from fedunlearn.federation import build_federation
+from fedunlearn.ledger import Ledger, requests_from_config, requests_from_file, screen_requests
 from fedunlearn.results import RunRecord
 from fedunlearn.training import derive_seed, evaluate, resolve_device
-from strategies.fedavg import UnlearningFedAvg
+from fedunlearn.unlearning import parse_methods
+from strategies.fedavg import UnlearningFedAvg, UnlearningFailed
+from strategies.unlearning import UnlearningOutcome, apply_method
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+PhaseCallback = Callable[[str], None]
 
-logger = logging.getLogger("fedunlearn")
 
-
-def run_federated_training(grid: Grid, config: dict[str, Any], on_round: RoundCallback | None = None) -> RunRecord:
-    record = RunRecord(config=config)
-    data = load_dataset(config["dataset"], config["data-dir"], config["download"])
-    device = resolve_device(config["device"])
-    torch.manual_seed(derive_seed(config["seed"], "init"))
-    global_model = build_model(config["model"], data.input_shape, data.num_classes)
-
-    strategy = UnlearningFedAvg(
+def _new_strategy(config: dict[str, Any], excluded: tuple[int, ...] = ()) -> UnlearningFedAvg:
+    return UnlearningFedAvg(
         num_clients=config["num-clients"],
         seed=derive_seed(config["seed"], "sampling"),
         fraction_train=config["fraction-train"],
         fraction_evaluate=config["fraction-evaluate"],
+        round_timeout=config["round-timeout"],
+        excluded_partitions=excluded,
     )
-    clients = strategy.discover_clients(grid)
-    record.partitions = {
-        "scheme": config["partition"],
-        "num_clients": len(clients),
-        "train_examples": sum(info.num_examples for info in clients.values()),
-        "sizes": [info.num_examples for info in clients.values()],
-        "label_histograms": [list(info.label_histogram) for info in clients.values()],
-    }
 
-    def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        global_model.load_state_dict(arrays.to_torch_state_dict())
-        scores = evaluate(global_model, data.test, device)
-        entry = record.round_entry(server_round)
-        client_metrics = strategy.client_metrics.get(server_round, {})
-        if "train-loss" in client_metrics:
-            entry["train_loss"] = client_metrics["train-loss"]
-        if "local-accuracy" in client_metrics:
-            entry["local_accuracy"] = client_metrics["local-accuracy"]
-        entry.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"], seconds=round(record.elapsed(), 3))
-        if on_round is not None:
-            on_round(server_round, entry)
-        return MetricRecord({"test-loss": scores["loss"], "test-accuracy": scores["accuracy"]})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(global_model.state_dict()),
-        num_rounds=config["num-rounds"],
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluate_on_test_set,
-    )
-    trained_state = result.arrays.to_torch_state_dict()
-    global_model.load_state_dict(trained_state)
-    final = record.rounds[-1]
-    record.models["original"] = {
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
-        "seconds": final["seconds"],
-    }
-    out_dir = Path(config["out-dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(trained_state, out_dir / "global_model.pt")
-    record.write(out_dir)
-    return record
+def deletion_round(config: dict[str, Any]) -> int:
+    chosen = config["unlearn-after-round"] or config["num-rounds"]
+    if chosen > config["num-rounds"]:
+        raise ConfigError("unlearn-after-round", chosen, f"0 (the last round) or 1..num-rounds={config['num-rounds']}")
+    return chosen
+
+
+class FederatedJob:
+    """One run on a Flower grid; every phase writes into one :class:`RunRecord`."""
+
+    def __init__(self, grid: Grid, config: dict[str, Any], on_round: RoundCallback | None, on_phase: PhaseCallback | None):
+        self.grid, self.config = grid, config
+        self.on_round, self.on_phase = on_round, on_phase or (lambda phase: None)
+        self.record = RunRecord(config=config)
+        self.out_dir = Path(config["out-dir"])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # The evaluator sees the whole data set: in simulation the server rebuilds every partition
+        # from the run config (a real deployment needs an evaluator that holds the data).
+        self.federation = build_federation(config)
+        self.device = resolve_device(config["device"])
+        self.model = self.federation.initial_model()
+        self.initial_state = {name: value.clone() for name, value in self.model.state_dict().items()}
+        self.strategy = _new_strategy(config)
+
+    # --- phases --------------------------------------------------------------------------------
+
+    def run(self) -> RunRecord:
+        config = self.config
+        clients = self.strategy.discover_clients(self.grid)
+        self.record.partitions = {
+            "scheme": config["partition"],
+            "num_clients": len(clients),
+            "train_examples": sum(info.num_examples for info in clients.values()),
+            "sizes": [info.num_examples for info in clients.values()],
+            "label_histograms": [list(info.label_histogram) for info in clients.values()],
+        }
+        ledger = Ledger(self.out_dir / "ledger.jsonl")
+        requests = requests_from_config(config["forget-clients"])
+        if config["deletion-requests"]:
+            requests += requests_from_file(config["deletion-requests"])
+        methods = parse_methods(config["unlearn-methods"])
+        accepted = screen_requests(requests, clients, ledger)
+        stop_round = deletion_round(config)
+
+        self.on_phase("training")
+        trained_state = self._train(self.initial_state, rounds=stop_round, first_round=1, strategy=self.strategy)
+        self.record.methods["original"] = {"seconds": self.record.rounds[-1]["seconds"]}
+        torch.save(trained_state, self.out_dir / "global_model.pt")
+
+        forget = sorted({client for request in accepted for client in request.clients})
+        outcomes: dict[str, UnlearningOutcome] = {}
+        if forget:
+            for method in methods:
+                self.on_phase(f"unlearning: {method}")
+                try:
+                    outcome = apply_method(self.strategy, self.grid, trained_state, self.model, method, forget, config)
+                except UnlearningFailed as failure:
+                    for request in accepted:
+                        ledger.append(request, "failed", method=method, affected_clients=forget, reason=str(failure))
+                    self.record.methods[method] = {"failed": str(failure)}
+                    continue
+                outcomes[method] = outcome
+                for request in accepted:
+                    ledger.append(
+                        request, "applied", method=method, affected_clients=outcome.affected_clients,
+                        seconds=round(outcome.seconds, 4), epsilon=outcome.epsilon,
+                    )
+            self.on_phase("retraining the oracle")
+            retrained_state, retrain_info = self._retrain(forget, stop_round)
+            self.on_phase("evaluating")
+            self._evaluate(trained_state, retrained_state, retrain_info, outcomes, forget)
+            if stop_round < config["num-rounds"] and outcomes:
+                self._continue_after_deletion(outcomes, forget, stop_round)
+        else:
+            self._evaluate(trained_state, None, None, {}, [])
+        self.record.communication = self._communication_summary()
+        self.record.write(self.out_dir)
+        return self.record
+
+    def _train(self, start_state, rounds: int, first_round: int, strategy: UnlearningFedAvg, phase: str = "training"):
+        config, record, data = self.config, self.record, self.federation.data
+        offset = first_round - 1
+
+        def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            scores = evaluate(self.model, data.test, self.device)
+            entry = record.round_entry(server_round + offset)
+            if phase != "training":
+                entry["phase"] = phase
+            client_metrics = strategy.client_metrics.get(server_round, {})
+            if "train-loss" in client_metrics:
+                entry["train_loss"] = client_metrics["train-loss"]
+            if "local-accuracy" in client_metrics:
+                entry["local_accuracy"] = client_metrics["local-accuracy"]
+            entry.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"], seconds=round(record.elapsed(), 3))
+            if self.on_round is not None:
+                self.on_round(server_round + offset, entry)
+            return MetricRecord({"test-loss": scores["loss"], "test-accuracy": scores["accuracy"]})
+
+        result = strategy.start(
+            grid=self.grid,
+            initial_arrays=ArrayRecord(start_state),
+            num_rounds=rounds,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate_on_test_set,
+            timeout=config["round-timeout"],
+        )
+        return result.arrays.to_torch_state_dict()
+
+    def _retrain(self, forget: list[int], rounds: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """FedAvg from the same initial model and seed without the deleted clients, timed like training."""
+        key = retrain_cache.retrain_key(self.config, forget, rounds)
+        if self.config["retrain-cache"] and (cached := retrain_cache.load(key)) is not None:
+            state, info = cached
+            return state, {**info, "from_cache": True}
+        strategy = _new_strategy(self.config, excluded=tuple(forget))
+        strategy.clients = dict(self.strategy.clients)
+        start = time.perf_counter()
+        result = strategy.start(
+            grid=self.grid,
+            initial_arrays=ArrayRecord(self.initial_state),
+            num_rounds=rounds,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            timeout=self.config["round-timeout"],
+        )
+        seconds = time.perf_counter() - start
+        self.strategy.message_log.extend({**entry, "phase": "retrain"} for entry in strategy.message_log)
+        state = result.arrays.to_torch_state_dict()
+        info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key}
+        retrain_cache.store(key, state, info)
+        return state, {**info, "from_cache": False}
+
+    def _evaluate(self, trained_state, retrained_state, retrain_info, outcomes, forget) -> None:
+        states = {"original": trained_state}
+        if retrained_state is not None:
+            states["retrain"] = retrained_state
+        states.update({name: outcome.state for name, outcome in outcomes.items()})
+        scores = evaluate_models(self.federation, self.model, states, forget, self.device, self.config)
+        for name, values in scores.items():
+            entry = self.record.methods.setdefault(name, {})
+            entry.update(values)
+        if retrain_info is not None:
+            retrain_seconds = retrain_info["seconds"]
+            self.record.methods["retrain"].update(seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"])
+            for name, outcome in outcomes.items():
+                self.record.methods[name].update(
+                    seconds=outcome.seconds,
+                    speedup=retrain_seconds / outcome.seconds if outcome.seconds > 0 else None,
+                    communication_rounds=outcome.communication_rounds,
+                    affected_clients=outcome.affected_clients,
+                    epsilon=outcome.epsilon,
+                    details=outcome.details,
+                )
+
+    def _continue_after_deletion(self, outcomes, forget, stop_round) -> None:
+        """Rounds after the deletion point go on without the deleted clients, from the first method's model."""
+        first = next(iter(outcomes.values()))
+        self.on_phase(f"training after the deletion (from {first.method})")
+        strategy = _new_strategy(self.config, excluded=tuple(forget))
+        strategy.clients = dict(self.strategy.clients)
+        final_state = self._train(
+            first.state, rounds=self.config["num-rounds"] - stop_round, first_round=stop_round + 1,
+            strategy=strategy, phase=f"after-deletion ({first.method})",
+        )
+        self.strategy.message_log.extend({**entry, "phase": "after-deletion"} for entry in strategy.message_log)
+        torch.save(final_state, self.out_dir / "global_model_after_deletion.pt")
+
+    def _communication_summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for entry in self.strategy.message_log:
+            counts[str(entry["type"])] = counts.get(str(entry["type"]), 0) + 1
+        unlearn_targets = sorted({int(e["partition"]) for e in self.strategy.message_log if e["type"] == "train.unlearn"})
+        return {"messages_by_type": counts, "train_unlearn_sent_to": unlearn_targets}
 
 
 def build_server_app(
     bound_config: dict[str, Any] | None = None,
     on_round: RoundCallback | None = None,
     on_record: Callable[[RunRecord], None] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = bound_config if bound_config is not None else run_config.resolve(context.run_config)
-        record = run_federated_training(grid, config, on_round)
+        record = FederatedJob(grid, config, on_round, on_phase).run()
         if on_record is not None:
             on_record(record)
 

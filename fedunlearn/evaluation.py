@@ -1,0 +1,73 @@
+"""Evaluate every model of a run (original, retrain, each method) against the retrained oracle.
+
+Test data is the held-out test set; ``forget`` is the deleted clients' data, ``retain`` every other
+client's. The membership attack's members are the forget data, its non-members the test set, and its
+shadow models train on the retain data (disjoint from both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset
+
+from fedunlearn.federation import Federation
+from fedunlearn.metrics import MembershipInference, UnlearningEvaluator
+from fedunlearn.training import LocalTrainingConfig, derive_seed, evaluate
+
+
+def forget_and_retain_sets(federation: Federation, forget_clients: list[int]) -> tuple[Subset | None, Subset]:
+    partitioning = federation.partitioning
+    forget_rows = [partitioning.rows_of(k) for k in forget_clients]
+    retain_rows = [partitioning.rows_of(k) for k in range(partitioning.num_clients) if k not in set(forget_clients)]
+    train = federation.data.train
+    forget = Subset(train, np.concatenate(forget_rows).tolist()) if forget_rows else None
+    return forget, Subset(train, np.concatenate(retain_rows).tolist())
+
+
+def evaluate_models(
+    federation: Federation,
+    model: nn.Module,
+    states: dict[str, dict[str, torch.Tensor]],
+    forget_clients: list[int],
+    device: torch.device,
+    config: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    forget_set, retain_set = forget_and_retain_sets(federation, forget_clients)
+    if forget_set is None or "retrain" not in states:
+        # Nothing deleted: the trained model's own scores only.
+        model.load_state_dict(states["original"])
+        test = evaluate(model, federation.data.test, device)
+        return {"original": {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                             "retain_accuracy": evaluate(model, retain_set, device)["accuracy"]}}
+
+    original = federation.new_model().to(device)
+    original.load_state_dict(states["original"])
+    retrained = federation.new_model().to(device)
+    retrained.load_state_dict(states["retrain"])
+    membership = None
+    if config["mia-shadows"] > 0:
+        membership = MembershipInference(
+            model_factory=federation.new_model,
+            shadow_pool=retain_set,
+            shadow_training=LocalTrainingConfig(
+                epochs=config["mia-shadow-epochs"], batch_size=config["batch-size"],
+                lr=config["lr"], momentum=config["momentum"],
+            ),
+            device=device,
+            seed=derive_seed(config["seed"], "membership-inference"),
+            num_shadows=config["mia-shadows"],
+        )
+    evaluator = UnlearningEvaluator(
+        original=original, retrained=retrained, test_set=federation.data.test,
+        forget_set=forget_set, retain_set=retain_set, device=device, membership=membership,
+    )
+    scores = {}
+    for name, state in states.items():
+        model.load_state_dict(state)
+        scores[name] = evaluator.evaluate(model.to(device))
+        scores[name]["test_loss"] = evaluate(model, federation.data.test, device)["loss"]
+    return scores

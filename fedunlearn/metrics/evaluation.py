@@ -1,0 +1,171 @@
+"""All metrics of one model at once, against the retrained oracle: what ``results.json`` records.
+
+Build one :class:`UnlearningEvaluator` per run (it evaluates the retrained model's test outputs
+and fits the membership attack once) and call ``evaluate(model)`` for ``original``, ``retrain``
+and each unlearning method.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from fedunlearn.metrics.functional import (
+    CF_MIN_DENOMINATOR,
+    _require_examples,
+    accuracy,
+    causal_faithfulness,
+    json_ready,
+    kl_divergence,
+    logit_mse,
+    model_outputs,
+    parameter_gap,
+    prediction_agreement,
+)
+from fedunlearn.metrics.membership import MembershipInference
+
+RETRAIN_KEYS = (
+    "test_accuracy",
+    "forget_accuracy",
+    "retain_accuracy",
+    "kl_to_retrain",
+    "logit_mse_to_retrain",
+    "agreement_with_retrain",
+    "param_gap",
+    "cf",
+)
+MIA_KEYS = (
+    "mia_auc",
+    "mia_success",
+    "mia_attack",
+    "mia_shadow_auc",
+    "mia_shadow_success",
+    "mia_loss_auc",
+    "mia_loss_success",
+    "mia_members",
+    "mia_nonmembers",
+)
+METRIC_KEYS = RETRAIN_KEYS + MIA_KEYS
+
+
+class UnlearningEvaluator:
+    """Everything a model is measured by, with the per-run work (oracle outputs, shadows) done once.
+
+    ``membership`` is a :class:`MembershipInference` (fitted here if it is not yet); ``None`` runs
+    the loss-threshold attack only. Members are ``forget_set``; non-members are
+    ``mia_nonmembers`` (default: the whole ``test_set``), which must be disjoint from the shadow pool.
+    """
+
+    def __init__(
+        self,
+        *,
+        original: nn.Module,
+        retrained: nn.Module,
+        test_set: Dataset,
+        forget_set: Dataset,
+        retain_set: Dataset,
+        device: torch.device | str = "cpu",
+        membership: MembershipInference | None = None,
+        mia_nonmembers: Dataset | None = None,
+        batch_size: int = 512,
+        cf_min_denominator: float = CF_MIN_DENOMINATOR,
+    ):
+        for name, dataset in (("test_set", test_set), ("forget_set", forget_set), ("retain_set", retain_set)):
+            _require_examples(dataset, name)
+        # A copy: callers often load each model's state into one module, the oracle's included.
+        self.retrained = copy.deepcopy(retrained)
+        self.test_set, self.forget_set, self.retain_set = test_set, forget_set, retain_set
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.cf_min_denominator = cf_min_denominator
+        if membership is None:
+            membership = MembershipInference(None, None, device=self.device)
+        self.membership = membership if membership.fitted else membership.fit()
+        self.mia_nonmembers = test_set if mia_nonmembers is None else mia_nonmembers
+        self.retrain_test_logits, self.test_labels = self._outputs(retrained, test_set)
+        self.retrain_test_accuracy = accuracy(self.retrain_test_logits, self.test_labels)
+        self.original_test_accuracy = accuracy(self._outputs(original, test_set)[0], self.test_labels)
+
+    def _outputs(self, model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return model_outputs(model, dataset, self.device, self.batch_size)
+
+    def compare(self, model: nn.Module) -> dict[str, float]:
+        """Accuracies (fractions), divergences to the retrained model and CF; NaN where undefined."""
+        test_logits, _ = self._outputs(model, self.test_set)
+        test_accuracy = accuracy(test_logits, self.test_labels)
+        return {
+            "test_accuracy": test_accuracy,
+            "forget_accuracy": accuracy(*self._outputs(model, self.forget_set)),
+            "retain_accuracy": accuracy(*self._outputs(model, self.retain_set)),
+            "kl_to_retrain": kl_divergence(self.retrain_test_logits, test_logits),
+            "logit_mse_to_retrain": logit_mse(test_logits, self.retrain_test_logits),
+            "agreement_with_retrain": prediction_agreement(test_logits, self.retrain_test_logits),
+            "param_gap": parameter_gap(model, self.retrained),
+            "cf": causal_faithfulness(
+                self.original_test_accuracy, test_accuracy, self.retrain_test_accuracy, self.cf_min_denominator
+            ),
+        }
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """All :data:`METRIC_KEYS`, JSON-ready: undefined values (CF, shadow AUC without shadows) are None."""
+        metrics: dict[str, Any] = self.compare(model)
+        metrics.update(self.membership.attack(model, self.forget_set, self.mia_nonmembers))
+        return json_ready({key: metrics[key] for key in METRIC_KEYS})
+
+
+def compare_to_retrain(
+    model: nn.Module,
+    retrained: nn.Module,
+    original_test_accuracy: float,
+    retrain_test_accuracy: float,
+    test_set: Dataset,
+    forget_set: Dataset,
+    retain_set: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """:data:`RETRAIN_KEYS` for one model, given the two reference accuracies (fractions); NaN CF if unstable."""
+    for name, dataset in (("test_set", test_set), ("forget_set", forget_set), ("retain_set", retain_set)):
+        _require_examples(dataset, name)
+    test_logits, test_labels = model_outputs(model, test_set, device, batch_size)
+    retrain_logits, _ = model_outputs(retrained, test_set, device, batch_size)
+    test_accuracy = accuracy(test_logits, test_labels)
+    return {
+        "test_accuracy": test_accuracy,
+        "forget_accuracy": accuracy(*model_outputs(model, forget_set, device, batch_size)),
+        "retain_accuracy": accuracy(*model_outputs(model, retain_set, device, batch_size)),
+        "kl_to_retrain": kl_divergence(retrain_logits, test_logits),
+        "logit_mse_to_retrain": logit_mse(test_logits, retrain_logits),
+        "agreement_with_retrain": prediction_agreement(test_logits, retrain_logits),
+        "param_gap": parameter_gap(model, retrained),
+        "cf": causal_faithfulness(original_test_accuracy, test_accuracy, retrain_test_accuracy),
+    }
+
+
+def evaluate_model(
+    model: nn.Module,
+    *,
+    original: nn.Module,
+    retrained: nn.Module,
+    test_set: Dataset,
+    forget_set: Dataset,
+    retain_set: Dataset,
+    device: torch.device | str = "cpu",
+    membership: MembershipInference | None = None,
+    mia_nonmembers: Dataset | None = None,
+) -> dict[str, Any]:
+    """One-off :meth:`UnlearningEvaluator.evaluate`; build the evaluator yourself for several models."""
+    return UnlearningEvaluator(
+        original=original,
+        retrained=retrained,
+        test_set=test_set,
+        forget_set=forget_set,
+        retain_set=retain_set,
+        device=device,
+        membership=membership,
+        mia_nonmembers=mia_nonmembers,
+    ).evaluate(model)

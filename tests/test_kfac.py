@@ -1,0 +1,101 @@
+"""KFAC factors (curvlinops) and the KFAC inverse against dense Kronecker products."""
+
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fedunlearn.curvature import KFACInverse, build_inverse, compute_kfac_factors, inverse_from_config, loss_gradient
+from fedunlearn.curvature.products import dense_curvature
+from fedunlearn.errors import ConfigError
+
+F64 = torch.float64
+
+
+def conv_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    x = torch.randn(10, 1, 4, 4, dtype=F64)
+    y = torch.randint(0, 3, (10,))
+    return model, [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+def joint(weight, bias):
+    return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1)], dim=1)
+
+
+def test_factors_reproduce_the_exact_ggn_of_a_linear_layer_on_one_example():
+    # With one example and no weight sharing, KFAC (type-2) is exact: GGN block = G kron A.
+    model, batches = conv_model()
+    one = [(batches[0][0][:1], batches[0][1][:1])]
+    factors, layers, _ = compute_kfac_factors(model, one)
+    a, g = factors["3"]
+    assert a.shape == (33, 33) and g.shape == (3, 3)  # bias appended to the inputs
+    ggn = dense_curvature(model, ["3.weight", "3.bias"], one, "ggn")
+    order = torch.arange(99).reshape(3, 33)  # joint (W | b) row-major index -> [vec W, b] position
+    position = torch.cat([order[:, :32].reshape(-1), order[:, 32]])
+    ggn_joint = torch.empty_like(ggn)
+    ggn_joint[position[:, None], position[None, :]] = ggn
+    assert torch.allclose(ggn_joint, torch.kron(g, a), atol=1e-12)
+
+
+def test_dense_kfac_inverse_equals_the_inverse_of_the_damped_kronecker_product():
+    model, batches = conv_model(1)
+    damping = 0.05
+    inverse = KFACInverse(model, batches, damping)
+    forget_gradient = loss_gradient(model, None, batches[:1])
+    update = dict(zip(inverse.param_names, inverse.apply(forget_gradient)))
+    gradient = dict(zip(inverse.param_names, forget_gradient))
+    for layer in ("0", "3"):
+        a, g = inverse.factors[layer]
+        a_hat = a + damping * torch.eye(a.shape[0], dtype=F64)
+        g_hat = g + damping * torch.eye(g.shape[0], dtype=F64)
+        rhs = joint(gradient[f"{layer}.weight"], gradient[f"{layer}.bias"]).reshape(-1)
+        expected = torch.linalg.solve(torch.kron(g_hat, a_hat), rhs)
+        got = joint(update[f"{layer}.weight"], update[f"{layer}.bias"]).reshape(-1)
+        assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
+        assert inverse.diagnostics["layers"][layer]["A"]["solver"] == "dense"
+        assert inverse.diagnostics["layers"][layer]["theorem1_truncation_bound"] == 0.0
+
+
+@pytest.mark.parametrize("solver", ["kfac-mpo", "kfac-nystrom"])
+def test_exact_mpo_and_nystrom_factors_reproduce_dense_kfac(solver):
+    # At full bond dimension / rank the approximations are exact, so the updates must agree.
+    model, batches = conv_model(2)
+    damping = 0.05
+    forget_gradient = loss_gradient(model, None, batches[:1])
+    dense = build_inverse("kfac", model, batches, damping)
+    approx = build_inverse(solver, model, batches, damping, kfac_rank=10_000, nystrom_rank=10_000, mpo_threshold=4)
+    for d, a in zip(dense.apply(forget_gradient), approx.apply(forget_gradient)):
+        assert torch.allclose(d, a, rtol=1e-7, atol=1e-10)
+    used = {f["solver"] for layer in approx.diagnostics["layers"].values() for f in (layer["A"], layer["G"])}
+    assert used == {solver.removeprefix("kfac-"), "dense"} or used == {solver.removeprefix("kfac-")}
+
+
+def test_uncovered_parameters_get_damped_identity_or_zero():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
+    batches = [(x, y)]
+    gradient = loss_gradient(model, None, batches)
+    damping = 0.2
+    identity = KFACInverse(model, batches, damping, uncovered="identity")
+    assert identity.uncovered == ["1.weight", "1.bias"]
+    updates = dict(zip(identity.param_names, identity.apply(gradient)))
+    by_name = dict(zip(identity.param_names, gradient))
+    assert torch.allclose(updates["1.weight"], by_name["1.weight"] / damping)
+    zero = KFACInverse(model, batches, damping, uncovered="zero")
+    assert torch.count_nonzero(dict(zip(zero.param_names, zero.apply(gradient)))["1.bias"]) == 0
+
+
+def test_config_resolution_and_errors():
+    model, batches = conv_model()
+    operator = inverse_from_config(model, batches, {"solver": "kfac", "damping": 0.1, "factor-solver": "dense"})
+    assert isinstance(operator, KFACInverse)
+    with pytest.raises(ConfigError) as info:
+        build_inverse("newton", model, batches, 0.1)
+    assert info.value.key == "solver"
+    with pytest.raises(ConfigError):
+        KFACInverse(model, batches, 0.1, factor_solver="svd")
+    with pytest.raises(ConfigError):
+        KFACInverse(model, batches, 0.1, uncovered="diagonal")
