@@ -49,19 +49,19 @@ def progress_over_rounds(num_rounds: int) -> Iterator[RunProgress]:
 
 
 SUMMARY_COLUMNS = (
-    ("test_accuracy", "test", "{:.4f}"),
-    ("forget_accuracy", "forget", "{:.4f}"),
-    ("retain_accuracy", "retain", "{:.4f}"),
-    ("kl_to_retrain", "KL", "{:.4f}"),
+    ("test_accuracy", "test", "{:.3f}"),
+    ("forget_accuracy", "forget", "{:.3f}"),
+    ("retain_accuracy", "retain", "{:.3f}"),
+    ("kl_to_retrain", "KL", "{:.2g}"),
     ("mia_auc", "MIA", "{:.3f}"),
     ("epsilon", "ε", "{:.3g}"),
-    ("seconds", "seconds", "{:.2f}"),
+    ("seconds", "sec", "{:.2f}"),
     ("speedup", "speedup", "{:.1f}x"),
 )
 SUMMARY_CAPTION = (
     "test / forget / retain: accuracy on the test set, the deleted data, the other clients' data; "
     "KL: to the retrained model on the test set (nats); MIA: membership-inference AUC of the deleted "
-    "data (0.5 = chance); seconds: training (original), retraining, or unlearning; speedup = retrain s / method s"
+    "data (0.5 = chance); sec: seconds of training (original), retraining or unlearning; speedup = retrain s / method s"
 )
 
 
@@ -79,7 +79,10 @@ def print_summary(record: RunRecord, federation: Federation) -> None:
         caption=SUMMARY_CAPTION if len(record.methods) > 1 else None,
     )
     table.add_column("method", no_wrap=True)
-    shown = [column for column in SUMMARY_COLUMNS if any(column[0] in values for values in record.methods.values())]
+    # Only columns with at least one value (ε appears once a method certifies one).
+    shown = [
+        column for column in SUMMARY_COLUMNS if any(values.get(column[0]) is not None for values in record.methods.values())
+    ]
     for _, header, _ in shown:
         table.add_column(header, justify="right")
     for name, values in record.methods.items():

@@ -72,6 +72,6 @@ def test_same_seed_gives_the_same_partitions_and_numbers(two_runs):
 def test_terminal_output_is_a_progress_bar_and_a_table_without_log_spam(two_runs):
     _, completed = two_runs[0]
     output = completed.stdout + completed.stderr
-    assert "test accuracy" in completed.stdout and "original" in completed.stdout
+    assert "method" in completed.stdout and "original" in completed.stdout and "test acc 0." in completed.stdout
     for noise in ("INFO", "WARNING", "DeprecationWarning", "Traceback", "(raylet)", "ray.init"):
         assert noise not in output, output

@@ -88,3 +88,16 @@ def test_a_failing_client_fails_the_request_and_leaves_the_model_alone(tmp_path,
     assert "curvature" in ledger[1]["reason"]
     assert set(results["methods"]["hf-kcu"]) == {"failed"}
     assert results["methods"]["original"]["test_accuracy"] == results["final"]["test_accuracy"]
+
+
+def test_membership_inference_on_the_retrained_model_is_near_chance(deletion_runs):
+    (results, _, _), _ = deletion_runs
+    retrain = results["methods"]["retrain"]
+    # Large enough to say so: hundreds of members (client 1's data) against the 360 test images.
+    assert retrain["mia_members"] >= 200 and retrain["mia_nonmembers"] >= 300
+    assert abs(retrain["mia_auc"] - 0.5) <= 0.1
+    for key in ("kl_to_retrain", "logit_mse_to_retrain", "param_gap"):
+        assert retrain[key] == pytest.approx(0.0, abs=1e-9)
+    assert retrain["agreement_with_retrain"] == 1.0 and retrain["cf"] == pytest.approx(1.0)
+    original = results["methods"]["original"]
+    assert original["kl_to_retrain"] > 0 and original["cf"] == pytest.approx(0.0)
