@@ -60,6 +60,7 @@ class UnlearningFedAvg(FedAvg):
         self.excluded_partitions = set(excluded_partitions)
         # Every message this strategy sent, for the communication account in results.json (and tests).
         self.message_log: list[dict[str, object]] = []
+        self.phase = "training"  # the job's current phase, recorded with every message
         # Aggregated client metrics by round, readable while the round is still running
         # (Strategy.start only hands its Result back at the end).
         self.client_metrics: dict[int, dict[str, float]] = {}
@@ -107,7 +108,9 @@ class UnlearningFedAvg(FedAvg):
         return sorted(self.sampler.sample(partitions, size))
 
     def _messages_for(self, partitions: list[int], record: RecordDict, message_type: str) -> list[Message]:
-        self.message_log.extend({"type": message_type, "partition": partition} for partition in partitions)
+        self.message_log.extend(
+            {"type": message_type, "partition": partition, "phase": self.phase} for partition in partitions
+        )
         return [
             Message(content=record, message_type=message_type, dst_node_id=self.node_of(partition))
             for partition in partitions

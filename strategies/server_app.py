@@ -98,6 +98,7 @@ class FederatedJob:
         if forget:
             for method in methods:
                 self.on_phase(f"unlearning: {method}")
+                self.strategy.phase = f"unlearning: {method}"
                 try:
                     outcome = apply_method(self.strategy, self.grid, trained_state, self.model, method, forget, config)
                 except UnlearningFailed as failure:
@@ -127,7 +128,9 @@ class FederatedJob:
         config, record, data = self.config, self.record, self.federation.data
         offset = first_round - 1
 
-        def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and offset > 0:
+                return None  # the starting model of a later phase is already evaluated (methods.<name>)
             self.model.load_state_dict(arrays.to_torch_state_dict())
             scores = evaluate(self.model, data.test, self.device)
             entry = record.round_entry(server_round + offset)
@@ -162,6 +165,7 @@ class FederatedJob:
             return state, {**info, "from_cache": True}
         strategy = _new_strategy(self.config, excluded=tuple(forget))
         strategy.clients = dict(self.strategy.clients)
+        strategy.phase = "retrain"
         start = time.perf_counter()
         result = strategy.start(
             grid=self.grid,
@@ -172,7 +176,7 @@ class FederatedJob:
             timeout=self.config["round-timeout"],
         )
         seconds = time.perf_counter() - start
-        self.strategy.message_log.extend({**entry, "phase": "retrain"} for entry in strategy.message_log)
+        self.strategy.message_log.extend(strategy.message_log)
         state = result.arrays.to_torch_state_dict()
         info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key}
         retrain_cache.store(key, state, info)
@@ -206,11 +210,12 @@ class FederatedJob:
         self.on_phase(f"training after the deletion (from {first.method})")
         strategy = _new_strategy(self.config, excluded=tuple(forget))
         strategy.clients = dict(self.strategy.clients)
+        strategy.phase = "after-deletion"
         final_state = self._train(
             first.state, rounds=self.config["num-rounds"] - stop_round, first_round=stop_round + 1,
             strategy=strategy, phase=f"after-deletion ({first.method})",
         )
-        self.strategy.message_log.extend({**entry, "phase": "after-deletion"} for entry in strategy.message_log)
+        self.strategy.message_log.extend(strategy.message_log)
         torch.save(final_state, self.out_dir / "global_model_after_deletion.pt")
 
     def _communication_summary(self) -> dict[str, Any]:
@@ -218,7 +223,7 @@ class FederatedJob:
         for entry in self.strategy.message_log:
             counts[str(entry["type"])] = counts.get(str(entry["type"]), 0) + 1
         unlearn_targets = sorted({int(e["partition"]) for e in self.strategy.message_log if e["type"] == "train.unlearn"})
-        return {"messages_by_type": counts, "train_unlearn_sent_to": unlearn_targets}
+        return {"messages_by_type": counts, "train_unlearn_sent_to": unlearn_targets, "log": self.strategy.message_log}
 
 
 def build_server_app(

@@ -101,3 +101,16 @@ def test_membership_inference_on_the_retrained_model_is_near_chance(deletion_run
     assert retrain["agreement_with_retrain"] == 1.0 and retrain["cf"] == pytest.approx(1.0)
     original = results["methods"]["original"]
     assert original["kl_to_retrain"] > 0 and original["cf"] == pytest.approx(0.0)
+
+
+def test_deletion_mid_training_continues_without_the_deleted_client(tmp_path, project_cache):
+    results, ledger, _ = _run(
+        project_cache, tmp_path / "out", f"{BASE} num-rounds=4 unlearn-after-round=2 unlearn-methods=hf-kcu",
+    )
+    rounds = results["rounds"]
+    assert [entry["round"] for entry in rounds] == [0, 1, 2, 3, 4]
+    assert [entry.get("phase") for entry in rounds] == [None, None, None] + ["after-deletion (hf-kcu)"] * 2
+    assert [event["status"] for event in ledger] == ["pending", "applied"]
+    # The deleted client takes no part in the rounds after the deletion.
+    after = [e for e in results["communication"]["log"] if e.get("phase") == "after-deletion"]
+    assert after and all(e["partition"] != 1 for e in after)
