@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -247,10 +246,10 @@ def run_factor_methods(case, factor, rhs, damping, mpo_ranks, nystrom_ranks, ext
         del inverse
     for rank in nystrom_ranks:
         if isinstance(rank, tuple):  # ("equal-memory", mpo rank): as many columns as the MPO's bytes
-            label, mpo_rank = rank
+            _, mpo_rank = rank
             rank = max(1, mpo_bytes[mpo_rank] // (dim * 8))
         else:
-            label, mpo_rank = None, None
+            mpo_rank = None
         source = covariance_matmat(activations) if activations is not None else factor
         with PeakMemory() as memory:
             start = time.perf_counter()
@@ -384,7 +383,7 @@ def bench_wide(dim_channels=512):
     for rank in (64, 256):
         with PeakMemory() as memory:
             start = time.perf_counter()
-            nystrom = NystromFactorInverse(covariance_matmat(activations), damping, rank=rank, dim=dim, dtype=torch.float32)
+            nystrom = NystromFactorInverse(covariance_matmat(activations), damping, rank=rank, dim=dim, dtype=torch.float64)
             build = time.perf_counter() - start
             solution = nystrom.solve(rhs)
             total = time.perf_counter() - start

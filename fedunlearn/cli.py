@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from fedunlearn import config as run_config
-from fedunlearn.errors import ConfigError
+from fedunlearn.errors import ConfigError, RunFailed
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +60,11 @@ def _command_run(args: argparse.Namespace) -> int:
     # Load data and partitions here first: a missing file or an impossible partition is bad
     # input, reported in one line before Ray starts or anything is written.
     federation = build_federation(config)
+    from fedunlearn.ledger import requests_from_config, requests_from_file
+
+    requests = requests_from_config(config["forget-clients"])
+    if config["deletion-requests"]:
+        requests += requests_from_file(config["deletion-requests"])
     from fedunlearn.report import print_summary, progress_over_rounds
     from simulations.runner import run_job
 
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fedunlearn: {error.one_line()}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as error:
+        print(f"fedunlearn: run failed: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":

@@ -172,7 +172,16 @@ def resolve(*layers: Mapping[str, Any]) -> dict[str, ConfigValue]:
             if key is None:
                 raise ConfigError(name, value, sorted(KEYS_BY_NAME), reason="unknown key")
             config[name] = coerce_value(key, value)
+    _check_consistency(config)
     return config
+
+
+def _check_consistency(config: dict[str, ConfigValue]) -> None:
+    """Checks that involve two keys."""
+    if config["unlearn-after-round"] > config["num-rounds"]:
+        raise ConfigError(
+            "unlearn-after-round", config["unlearn-after-round"], f"0 (after the last round) or 1..{config['num-rounds']} (num-rounds)"
+        )
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

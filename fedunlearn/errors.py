@@ -35,3 +35,7 @@ class ConfigError(ValueError):
             valid = self.choices if isinstance(self.choices, str) else ", ".join(map(str, self.choices))
             text += f"; valid: {valid}"
         return text
+
+
+class RunFailed(RuntimeError):
+    """A run could not go on (nodes missing, a phase failed); the CLI prints it in one line, exit 1."""

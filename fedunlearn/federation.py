@@ -44,16 +44,6 @@ class Federation:
             momentum=self.config["momentum"],
         )
 
-    def partition_summary(self) -> dict[str, Any]:
-        labels = self.data.train_labels
-        return {
-            "scheme": self.config["partition"],
-            "num_clients": self.partitioning.num_clients,
-            "train_examples": int(len(labels)),
-            "sizes": self.partitioning.sizes,
-            "label_histograms": self.partitioning.label_histograms(labels, self.data.num_classes),
-        }
-
 
 def build_federation(config: dict[str, Any], num_partitions: int | None = None) -> Federation:
     data = load_dataset(config["dataset"], config["data-dir"], config["download"])

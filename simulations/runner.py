@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from fedunlearn.environment import prepare_environment, quiet_logging, ray_temp_dir
+from fedunlearn.errors import RunFailed
 from fedunlearn.results import RunRecord
 
 
@@ -41,5 +42,5 @@ def run_job(config: dict[str, Any], on_round=None, on_phase=None, verbose: bool 
         verbose_logging=verbose,
     )
     if not records:
-        raise RuntimeError("the simulation ended without a result; run again with --verbose to see Flower's log")
+        raise RunFailed("the simulation ended without a result; run again with --verbose to see Flower's log")
     return records[0]

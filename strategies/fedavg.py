@@ -18,6 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedunlearn.errors import RunFailed
+
 IDENTIFY = f"{MessageType.QUERY}.identify"
 
 
@@ -29,11 +31,11 @@ class ClientInfo:
     label_histogram: tuple[int, ...]
 
 
-class ClientDiscoveryError(RuntimeError):
-    pass
+class ClientDiscoveryError(RunFailed):
+    """Fewer nodes than num-clients answered, or two claimed the same partition."""
 
 
-class UnlearningFailed(RuntimeError):
+class UnlearningFailed(RunFailed):
     """An affected client failed or timed out: the request fails and θ* stays as it was."""
 
 

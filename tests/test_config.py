@@ -89,3 +89,15 @@ def test_presets_lists_the_default_preset(run_cli):
     result = run_cli("presets")
     assert result.returncode == 0
     assert result.stdout.split()[0] == "default" or "default " in result.stdout
+
+
+def test_deletion_point_after_the_last_round_is_refused():
+    with pytest.raises(ConfigError) as caught:
+        run_config.resolve({"num-rounds": 5, "unlearn-after-round": 6})
+    assert caught.value.key == "unlearn-after-round" and "1..5" in caught.value.one_line()
+
+
+def test_a_missing_request_file_is_bad_input_before_anything_runs(run_cli, tmp_path):
+    result = run_cli("run", "--run-config", f"deletion-requests='{tmp_path / 'nope.json'}'", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "deletion-requests" in result.stderr and "file not found" in result.stderr
+    assert not (tmp_path / "o").exists()

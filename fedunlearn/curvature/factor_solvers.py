@@ -249,10 +249,12 @@ class NystromFactorInverse:
             raise ConfigError("nystrom-rank", rank, "an integer >= 1")
         start = time.perf_counter()
         if isinstance(factor, Tensor):
-            dim, dtype = factor.shape[0], dtype or factor.dtype
+            dim = factor.shape[0]
         if dim is None:
             raise ValueError("a Nystrom factor given as a product function needs dim=")
         self.dim, self.damping = dim, float(damping)
+        # float64 whatever the factor's dtype: the stabilising shift scales with the machine epsilon
+        # and in float32 it can exceed the damping.
         self.approximation = NystromApproximation(factor, dim, rank, dtype or torch.float64, seed)
         self.diagnostics = {
             "solver": "nystrom",

@@ -23,7 +23,7 @@ MatMat = Callable[[Tensor], Tensor]
 def as_matmat(factor: Tensor | MatMat) -> MatMat:
     if callable(factor) and not isinstance(factor, Tensor):
         return factor
-    return lambda block: factor @ block
+    return lambda block: factor @ block.to(factor.dtype)
 
 
 def covariance_matmat(activations: Tensor) -> MatMat:

@@ -7,7 +7,6 @@ MPO (TT-SVD + ALS) path for factors wider than ``mpo-threshold``, as the poster 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
