@@ -41,16 +41,22 @@ class NystromApproximation:
         generator = torch.Generator().manual_seed(seed)
         omega = torch.randn(dim, rank, generator=generator, dtype=dtype)
         omega, _ = torch.linalg.qr(omega)
-        y = matmat(omega).to(dtype)
-        shift = torch.finfo(dtype).eps * dim**0.5 * float(torch.linalg.matrix_norm(y))
+        products = matmat(omega)
+        # The shift must dominate the round-off of the products, so it uses their precision
+        # (float32 activations give float32 products even when the rest runs in float64).
+        precision = torch.finfo(products.dtype).eps if products.is_floating_point() else torch.finfo(dtype).eps
+        y = products.to(dtype)
+        shift = precision * float(torch.linalg.matrix_norm(y))
         y_shifted = y + shift * omega
         core = omega.T @ y_shifted
         core = (core + core.T) / 2
         chol, info = torch.linalg.cholesky_ex(core)
         if int(info) != 0:
-            # Omega^T A Omega numerically singular beyond the shift: use its PSD square root instead.
+            # Omega^T A Omega numerically singular beyond the shift (A of rank < k): a pseudo-inverse
+            # square root that drops the round-off directions instead of amplifying them.
             evals, evecs = torch.linalg.eigh(core)
-            inv_sqrt = evecs @ torch.diag(evals.clamp_min(shift).rsqrt()) @ evecs.T
+            keep = evals > max(float(evals.max()), 0.0) * precision * rank
+            inv_sqrt = evecs[:, keep] @ torch.diag(evals[keep].rsqrt()) @ evecs[:, keep].T
             b = y_shifted @ inv_sqrt
         else:
             b = torch.linalg.solve_triangular(chol, y_shifted.T, upper=False).T
