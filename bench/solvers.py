@@ -31,10 +31,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedunlearn.curvature import CGInverse, flatten, ggn_vp, hvp, unflatten  # noqa: E402
-from fedunlearn.curvature.factor_solvers import DenseFactorInverse, MPOFactorInverse, NystromFactorInverse  # noqa: E402
-from fedunlearn.curvature.mpo import als_solve  # noqa: E402
-from fedunlearn.curvature.nystrom import covariance_matmat  # noqa: E402
+from fedunlearn.curvature import CGInverse, flatten, ggn_vp, hvp, unflatten
+from fedunlearn.curvature.factor_solvers import (
+    DenseFactorInverse,
+    MPOFactorInverse,
+    NystromFactorInverse,
+)
+from fedunlearn.curvature.mpo import als_solve
+from fedunlearn.curvature.nystrom import covariance_matmat
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # d = 25088: bond dimension of the MPO and TT rank of the ALS solution (local systems r_x * 7 * r_x).
@@ -87,7 +91,7 @@ def digits():
 
 
 # --------------------------------------------------------------------------- HVP / gradient ratio
-def bench_hvp_ratio(split, repeats: int = 20):
+def bench_hvp_ratio(split, repeats: int = 50):
     from torch.func import functional_call, grad
 
     from fedunlearn.models import build_model
@@ -313,7 +317,7 @@ def conv_activations(split, width=64, epochs=2):
 
 def bench_conv(split):
     activations, labels, accuracy = conv_activations(split)
-    n, dim = activations.shape
+    n = activations.shape[0]
     covariance = activations.T @ activations / n
     damping = 1e-2
     # Gradient-shaped right-hand side: grad_W^T = sum_i a_i g_i^T over a forget set (class 0).

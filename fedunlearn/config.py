@@ -118,6 +118,14 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("kfac-uncovered", "identity", "Parameters outside Linear/Conv2d layers under kfac: damped identity (g/λ) or no update.", ("identity", "zero")),
     ConfigKey("noise-sigma", 0.0, "Gaussian noise σ added to each kfac update (TensorUnlearn); > 0 gives a certified ε.", check=non_negative_float),
     ConfigKey("delta", 1e-5, "δ of the (ε, δ) certificate.", check=_open_unit_interval),
+    ConfigKey("ga-epochs", 10, "naive-ga: epochs of gradient ascent on the deleted client's data (the HF-KCU paper's 10).", check=positive_int),
+    ConfigKey("ga-lr", 0.01, "naive-ga: ascent learning rate (plain SGD).", check=positive_float),
+    ConfigKey("ga-stop-forget-accuracy", 0.0, "naive-ga: stop once the client's accuracy on its data is at most this; 0 = never (the paper's setting).", check=closed_unit_interval),
+    ConfigKey("backdoor-client", -1, "Partition id of a malicious client that plants a backdoor (-1: none).", check=_range("an integer >= -1", lambda v: v >= -1)),
+    ConfigKey("poison-fraction", 0.5, "Share of the malicious client's images that carry the trigger.", check=unit_interval),
+    ConfigKey("target-class", 0, "Class the triggered images are relabelled to.", check=non_negative_int),
+    ConfigKey("trigger-size", 2, "Side of the square trigger, in pixels.", check=positive_int),
+    ConfigKey("trigger-position", "bottom-right", "Corner of the trigger.", ("bottom-right", "bottom-left", "top-right", "top-left")),
     ConfigKey("mia-shadows", 2, "Shadow models of the membership-inference attack (0: loss-threshold attack only).", check=non_negative_int),
     ConfigKey("mia-shadow-epochs", 20, "Epochs each shadow model trains on its half of the remaining clients' data.", check=positive_int),
     ConfigKey("retrain-cache", True, "Reuse a retrained oracle model with the same configuration from the project cache."),
@@ -178,6 +186,8 @@ def resolve(*layers: Mapping[str, Any]) -> dict[str, ConfigValue]:
 
 def _check_consistency(config: dict[str, ConfigValue]) -> None:
     """Checks that involve two keys."""
+    if config["backdoor-client"] >= config["num-clients"]:
+        raise ConfigError("backdoor-client", config["backdoor-client"], f"-1 or 0..{config['num-clients'] - 1}")
     if config["unlearn-after-round"] > config["num-rounds"]:
         raise ConfigError(
             "unlearn-after-round", config["unlearn-after-round"], f"0 (after the last round) or 1..{config['num-rounds']} (num-rounds)"

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
+from fedunlearn.data.backdoor import attack_success_rate, trigger_for, triggered_test_set
 from fedunlearn.federation import Federation
 from fedunlearn.metrics import MembershipInference, UnlearningEvaluator
 from fedunlearn.training import LocalTrainingConfig, derive_seed, evaluate
@@ -70,4 +71,18 @@ def evaluate_models(
         model.load_state_dict(state)
         scores[name] = evaluator.evaluate(model.to(device))
         scores[name]["test_loss"] = evaluate(model, federation.data.test, device)["loss"]
+    if config["backdoor-client"] >= 0:
+        add_attack_success_rates(federation, model, states, scores, device, config)
     return scores
+
+
+def add_attack_success_rates(federation, model, states, scores, device, config) -> None:
+    """``asr`` per model and ``asr_reduction`` = (ASR(original) − ASR(model)) / ASR(original)."""
+    trigger = trigger_for(config, federation.data.train.tensors[0])
+    triggered = triggered_test_set(federation.data.test, trigger, config["target-class"])
+    for name, state in states.items():
+        model.load_state_dict(state)
+        scores[name]["asr"] = attack_success_rate(model, triggered, config["target-class"], device)
+    baseline = scores["original"]["asr"]
+    for name in states:
+        scores[name]["asr_reduction"] = (baseline - scores[name]["asr"]) / baseline if baseline > 0 else None

@@ -6,7 +6,7 @@ and model shape; nothing is shipped between them but model arrays and small reco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,6 +14,8 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from fedunlearn.data import DataSplit, Partitioning, load_dataset, partition_labels
+from fedunlearn.data.backdoor import poison_rows, poisoned_train_set, trigger_for
+from fedunlearn.errors import ConfigError
 from fedunlearn.models import build_model
 from fedunlearn.training import LocalTrainingConfig, derive_seed
 
@@ -55,4 +57,18 @@ def build_federation(config: dict[str, Any], num_partitions: int | None = None) 
         min_size=config["min-partition-size"],
         seed=config["seed"],
     )
+    if config["backdoor-client"] >= 0:
+        data = _with_backdoor(config, data, partitioning)
     return Federation(config=config, data=data, partitioning=partitioning)
+
+
+def _with_backdoor(config: dict[str, Any], data: DataSplit, partitioning: Partitioning) -> DataSplit:
+    """The malicious client's share of the training set, poisoned (every party derives the same)."""
+    trigger = trigger_for(config, data.train.tensors[0])
+    if not 0 <= config["target-class"] < data.num_classes:
+        raise ConfigError("target-class", config["target-class"], f"0..{data.num_classes - 1}")
+    rows = poison_rows(
+        partitioning.rows_of(config["backdoor-client"]), config["poison-fraction"], derive_seed(config["seed"], "backdoor")
+    )
+    train = poisoned_train_set(data.train, rows, trigger, config["target-class"])
+    return replace(data, train=train)

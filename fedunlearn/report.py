@@ -54,6 +54,7 @@ SUMMARY_COLUMNS = (
     ("retain_accuracy", "retain", "{:.3f}"),
     ("kl_to_retrain", "KL", "{:.2g}"),
     ("mia_auc", "MIA", "{:.3f}"),
+    ("asr", "ASR", "{:.3f}"),
     ("epsilon", "ε", "{:.3g}"),
     ("seconds", "sec", "{:.2f}"),
     ("speedup", "speedup", "{:.1f}x"),
@@ -61,7 +62,7 @@ SUMMARY_COLUMNS = (
 SUMMARY_CAPTION = (
     "test / forget / retain: accuracy on the test set, the deleted data, the other clients' data; "
     "KL: to the retrained model on the test set (nats); MIA: membership-inference AUC of the deleted "
-    "data (0.5 = chance); sec: seconds of training (original), retraining or unlearning; speedup = retrain s / method s"
+    "data (0.5 = chance); ASR: backdoor attack success rate on triggered test images; sec: seconds of training (original), retraining or unlearning; speedup = retrain s / method s"
 )
 
 

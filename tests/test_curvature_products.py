@@ -2,11 +2,18 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
-from fedunlearn.curvature.products import dense_curvature, flatten, ggn_vp, hvp, loss_gradient, unflatten
+from fedunlearn.curvature.products import (
+    dense_curvature,
+    flatten,
+    ggn_vp,
+    hvp,
+    loss_gradient,
+    unflatten,
+)
 
 
 def tiny_setup(seed=0):

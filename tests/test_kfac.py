@@ -3,9 +3,15 @@
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
-from fedunlearn.curvature import KFACInverse, build_inverse, compute_kfac_factors, inverse_from_config, loss_gradient
+from fedunlearn.curvature import (
+    KFACInverse,
+    build_inverse,
+    compute_kfac_factors,
+    inverse_from_config,
+    loss_gradient,
+)
 from fedunlearn.curvature.products import dense_curvature
 from fedunlearn.errors import ConfigError
 
@@ -28,7 +34,7 @@ def test_factors_reproduce_the_exact_ggn_of_a_linear_layer_on_one_example():
     # With one example and no weight sharing, KFAC (type-2) is exact: GGN block = G kron A.
     model, batches = conv_model()
     one = [(batches[0][0][:1], batches[0][1][:1])]
-    factors, layers, _ = compute_kfac_factors(model, one)
+    factors, _, _ = compute_kfac_factors(model, one)
     a, g = factors["3"]
     assert a.shape == (33, 33) and g.shape == (3, 3)  # bias appended to the inputs
     ggn = dense_curvature(model, ["3.weight", "3.bias"], one, "ggn")

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from fedunlearn.curvature.certificate import theorem1_bound
-from fedunlearn.curvature.factor_solvers import MPOFactorInverse, Prop2Error, make_factor_inverse, prop2_inverse_bound
+from fedunlearn.curvature.factor_solvers import (
+    MPOFactorInverse,
+    Prop2Error,
+    make_factor_inverse,
+    prop2_inverse_bound,
+)
 from fedunlearn.curvature.mpo import als_solve, mode_sizes, smooth_dim, tt_svd
 
 F64 = torch.float64

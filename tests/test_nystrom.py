@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from fedunlearn.curvature.factor_solvers import NystromFactorInverse, make_factor_inverse
+from fedunlearn.curvature.factor_solvers import (
+    NystromFactorInverse,
+    make_factor_inverse,
+)
 from fedunlearn.curvature.nystrom import NystromApproximation, covariance_matmat
 from fedunlearn.errors import ConfigError
 

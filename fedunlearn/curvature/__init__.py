@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedunlearn.curvature.certificate import (
     DEFAULT_DELTA,
@@ -45,7 +44,11 @@ from fedunlearn.curvature.factor_solvers import (
     Prop2Error,
     make_factor_inverse,
 )
-from fedunlearn.curvature.kfac import UNCOVERED_POLICIES, KFACInverse, compute_kfac_factors
+from fedunlearn.curvature.kfac import (
+    UNCOVERED_POLICIES,
+    KFACInverse,
+    compute_kfac_factors,
+)
 from fedunlearn.curvature.products import (
     Batches,
     cross_entropy,
@@ -175,26 +178,26 @@ def inverse_from_config(
 
 
 __all__ = [
-    "Batches",
-    "CGInverse",
-    "CGResult",
     "CONFIG_DEFAULTS",
     "CURVATURES",
     "DEFAULT_DELTA",
+    "FACTOR_SOLVERS",
+    "NEGATIVE_CURVATURE_POLICIES",
+    "PROP2_FALLBACKS",
+    "SOLVERS",
+    "UNCOVERED_POLICIES",
+    "Batches",
+    "CGInverse",
+    "CGResult",
     "DampedCurvature",
     "DenseFactorInverse",
-    "FACTOR_SOLVERS",
     "InverseOperator",
     "KFACInverse",
     "MPOFactorInverse",
-    "NEGATIVE_CURVATURE_POLICIES",
     "NegativeCurvatureError",
     "NonFiniteCurvatureError",
     "NystromFactorInverse",
-    "PROP2_FALLBACKS",
     "Prop2Error",
-    "SOLVERS",
-    "UNCOVERED_POLICIES",
     "build_inverse",
     "compute_kfac_factors",
     "conjugate_gradient",

@@ -17,7 +17,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from fedunlearn.curvature.mpo import MPO, als_solve, lanczos_extremes, mode_sizes, smooth_dim, tt_svd
+from fedunlearn.curvature.mpo import (
+    MPO,
+    als_solve,
+    lanczos_extremes,
+    mode_sizes,
+    smooth_dim,
+    tt_svd,
+)
 from fedunlearn.curvature.nystrom import MatMat, NystromApproximation
 from fedunlearn.errors import ConfigError
 

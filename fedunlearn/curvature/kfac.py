@@ -22,8 +22,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedunlearn.curvature.factor_solvers import (
     DEFAULT_FACTOR_MEMORY_BUDGET,
@@ -150,16 +149,16 @@ class KFACInverse:
         self.inverses = {}
         layer_diagnostics = {}
         for layer, (a, g) in factors.items():
-            options = dict(
-                damping=damping,
-                solver=factor_solver,
-                rank=kfac_rank,
-                nystrom_rank=nystrom_rank,
-                mpo_threshold=mpo_threshold,
-                memory_budget=factor_memory_budget,
-                prop2_fallback=prop2_fallback,
-                seed=seed,
-            )
+            options = {
+                "damping": damping,
+                "solver": factor_solver,
+                "rank": kfac_rank,
+                "nystrom_rank": nystrom_rank,
+                "mpo_threshold": mpo_threshold,
+                "memory_budget": factor_memory_budget,
+                "prop2_fallback": prop2_fallback,
+                "seed": seed,
+            }
             a_inverse = make_factor_inverse(a, **options)
             g_inverse = make_factor_inverse(g, **options)
             self.inverses[layer] = (a_inverse, g_inverse)

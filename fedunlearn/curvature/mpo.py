@@ -240,7 +240,7 @@ def _right_orthogonal_start(rhs: Tensor, modes: list[int], rank: int, seed: int)
     """Right-orthogonal cores 2..K spanning the right-hand side's TT bases, topped up with random
     directions to rank ``rank`` so ALS (which cannot grow ranks by itself) has room to move."""
     generator = torch.Generator().manual_seed(seed)
-    dim, m = rhs.shape
+    dim = rhs.shape[0]
     noise = torch.randn(dim, min(rank, dim), generator=generator, dtype=rhs.dtype)
     scale = 1e-3 * float(torch.linalg.matrix_norm(rhs)) / max(float(torch.linalg.matrix_norm(noise)), 1e-300)
     block = torch.cat([rhs, scale * noise if scale > 0 else noise], dim=1)  # (d, m + rank)
@@ -269,8 +269,8 @@ def als_solve(
     """Solve ``mpo @ X = rhs`` (rhs of shape (d,) or (d, m)) with X of TT rank <= ``rank``.
 
     Never forms the d x d matrix: the largest dense object is one local system of size
-    (r n r) x (r n r). Stops after ``sweeps`` full sweeps or when the relative residual changes
-    by less than ``tol`` between half-sweeps. Returns X as a dense d x m block (the caller needs
+    (r n r) x (r n r). Stops after ``sweeps`` full sweeps, when the relative residual is below
+    ``tol``, or when a full sweep improved it by less than 1%. Returns X as a dense d x m block (the caller needs
     the update in parameter shape anyway) and the per-half-sweep residual history; the iterate
     returned is the half-sweep with the smallest residual.
     """
@@ -371,9 +371,10 @@ def als_solve(
         solution = solution.reshape(mpo.dim, m)
         keep_best(solution)
         info.sweeps = sweep + 1
-        if abs(previous - info.residual_history[-1]) <= tol * max(previous, 1e-300) or info.residual_history[-1] <= tol:
+        # Stop once a full sweep improves the best residual by less than 1%, or it is below tol.
+        if best_residual <= tol or best_residual > 0.99 * previous:
             break
-        previous = info.residual_history[-1]
+        previous = best_residual
     info.solution_ranks = [c.shape[2] for c in x_cores[:-1] if c is not None]
     info.best_residual = best_residual
     solution = best

@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -77,7 +76,7 @@ def hvp(
     num_examples = 0
     for inputs, targets in batches:
 
-        def batch_loss(p: dict[str, Tensor]) -> Tensor:
+        def batch_loss(p: dict[str, Tensor], inputs: Tensor = inputs, targets: Tensor = targets) -> Tensor:
             return loss_fn(functional_call(model, {**constants, **p}, (inputs,)), targets)
 
         _, hv = jvp(grad(batch_loss), (params,), (tangent,))
@@ -112,13 +111,13 @@ def ggn_vp(
     num_examples = 0
     for inputs, targets in batches:
 
-        def outputs_of(p: dict[str, Tensor]) -> Tensor:
+        def outputs_of(p: dict[str, Tensor], inputs: Tensor = inputs) -> Tensor:
             return functional_call(model, {**constants, **p}, (inputs,))
 
         outputs, jacobian_vector = jvp(outputs_of, (params,), (tangent,))
         outputs = outputs.detach()
 
-        def loss_of_outputs(out: Tensor) -> Tensor:
+        def loss_of_outputs(out: Tensor, targets: Tensor = targets) -> Tensor:
             return loss_fn(out, targets)
 
         _, output_hessian_jv = jvp(grad(loss_of_outputs), (outputs,), (jacobian_vector,))
@@ -146,7 +145,7 @@ def loss_gradient(
     num_examples = 0
     for inputs, targets in batches:
 
-        def batch_loss(p: dict[str, Tensor]) -> Tensor:
+        def batch_loss(p: dict[str, Tensor], inputs: Tensor = inputs, targets: Tensor = targets) -> Tensor:
             return loss_fn(functional_call(model, {**constants, **p}, (inputs,)), targets)
 
         g = grad(batch_loss)(params)

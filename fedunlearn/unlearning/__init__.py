@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedunlearn.errors import ConfigError
 from fedunlearn.unlearning.base import ClientSideMethod, ClientUpdate, RemainingClients, ServerSideMethod, ServerUpdate
+from fedunlearn.unlearning.gradient_ascent import NaiveGradientAscent
 from fedunlearn.unlearning.hf_kcu import HFKCU
 from fedunlearn.unlearning.hf_kcu_global import HFKCUGlobal
 from fedunlearn.unlearning.tensorunlearn import TensorUnlearn
@@ -13,6 +14,7 @@ METHODS: dict[str, ClientSideMethod | ServerSideMethod] = {
     "hf-kcu-global": HFKCUGlobal(),
     "kfac": TensorUnlearn("kfac", solver="kfac"),
     "kfac-mpo": TensorUnlearn("kfac-mpo", solver="kfac-mpo"),
+    "naive-ga": NaiveGradientAscent(),
 }
 
 
