@@ -16,7 +16,8 @@ from torch.utils.data import Subset
 
 from fedunlearn.data.backdoor import attack_success_rate, trigger_for, triggered_test_set
 from fedunlearn.federation import Federation
-from fedunlearn.metrics import MembershipInference, UnlearningEvaluator
+from fedunlearn.metrics import MembershipInference, UnlearningEvaluator, json_ready
+from fedunlearn.metrics.evaluation import MIA_KEYS
 from fedunlearn.training import LocalTrainingConfig, derive_seed, evaluate
 
 
@@ -69,7 +70,12 @@ def evaluate_models(
     scores = {}
     for name, state in states.items():
         model.load_state_dict(state)
-        scores[name] = evaluator.evaluate(model.to(device))
+        try:
+            scores[name] = evaluator.evaluate(model.to(device))
+        except ValueError as error:
+            # A diverged model (naive-ga's collapse) has infinite losses: the attack has nothing to rank.
+            scores[name] = json_ready(evaluator.compare(model.to(device)))
+            scores[name].update({key: None for key in MIA_KEYS}, mia_note=str(error))
         scores[name]["test_loss"] = evaluate(model, federation.data.test, device)["loss"]
     if config["backdoor-client"] >= 0:
         add_attack_success_rates(federation, model, states, scores, device, config)
