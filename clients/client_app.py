@@ -21,6 +21,7 @@ from fedunlearn import config as run_config
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.training import derive_seed, evaluate, resolve_device, train_local
 from fedunlearn.unlearning import get_method
+from fedunlearn.unlearning.fisher import diagonal_fisher
 from fedunlearn.unlearning.objective import batches_of, objective_curvature_product, objective_gradient
 
 
@@ -165,6 +166,11 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
             return objective_curvature_product(model, names, batches, vector, curvature)
 
         return _products(message, context, product)
+
+    @app.query("fisher")
+    def local_diagonal_fisher(message: Message, context: Context) -> Message:
+        """This client's diagonal Fisher at θ* (Fisher forgetting's noise scale)."""
+        return _products(message, context, diagonal_fisher)
 
     return app
 

@@ -21,6 +21,7 @@ import torch
 TRAINING_KEYS = (
     "dataset", "data-dir", "model", "num-clients", "partition", "dirichlet-alpha", "min-partition-size",
     "local-epochs", "batch-size", "lr", "momentum", "seed", "fraction-train",
+    "backdoor-client", "poison-fraction", "target-class", "trigger-size", "trigger-position",
 )
 
 

@@ -25,6 +25,7 @@ from strategies.fedavg import UnlearningFedAvg
 UNLEARN = f"{MessageType.TRAIN}.unlearn"
 QUERY_GRADIENT = f"{MessageType.QUERY}.gradient"
 QUERY_CURVATURE = f"{MessageType.QUERY}.curvature"
+QUERY_FISHER = f"{MessageType.QUERY}.fisher"
 
 
 @dataclass
@@ -147,6 +148,9 @@ class FederatedRemainingClients:
 
     def curvature_product(self, param_names: Sequence[str], vector: Sequence[Tensor], curvature: str) -> list[Tensor]:
         return self._round(QUERY_CURVATURE, param_names, {"curvature": curvature}, vector)
+
+    def diagonal_fisher(self, param_names: Sequence[str]) -> list[Tensor]:
+        return self._round(QUERY_FISHER, param_names, {}, None)
 
 
 def unlearn_on_server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedunlearn.errors import ConfigError
 from fedunlearn.unlearning.base import ClientSideMethod, ClientUpdate, RemainingClients, ServerSideMethod, ServerUpdate
+from fedunlearn.unlearning.fisher import FisherForgetting
 from fedunlearn.unlearning.gradient_ascent import NaiveGradientAscent
 from fedunlearn.unlearning.hf_kcu import HFKCU
 from fedunlearn.unlearning.hf_kcu_global import HFKCUGlobal
@@ -15,6 +16,7 @@ METHODS: dict[str, ClientSideMethod | ServerSideMethod] = {
     "kfac": TensorUnlearn("kfac", solver="kfac"),
     "kfac-mpo": TensorUnlearn("kfac-mpo", solver="kfac-mpo"),
     "naive-ga": NaiveGradientAscent(),
+    "fisher": FisherForgetting(),
 }
 
 

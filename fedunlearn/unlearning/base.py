@@ -61,6 +61,8 @@ class RemainingClients(Protocol):
 
     def curvature_product(self, param_names: Sequence[str], vector: Sequence[Tensor], curvature: str) -> list[Tensor]: ...
 
+    def diagonal_fisher(self, param_names: Sequence[str]) -> list[Tensor]: ...
+
 
 class ServerSideMethod(Protocol):
     name: str

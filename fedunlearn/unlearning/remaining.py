@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn as nn
 from torch import Tensor
 
+from fedunlearn.unlearning.fisher import diagonal_fisher
 from fedunlearn.unlearning.objective import count_examples, objective_curvature_product, objective_gradient
 
 
@@ -37,3 +38,6 @@ class InProcessRemainingClients:
         return self._weighted_sum(
             lambda batches: objective_curvature_product(self.model, param_names, batches, vector, curvature)
         )
+
+    def diagonal_fisher(self, param_names: Sequence[str]) -> list[Tensor]:
+        return self._weighted_sum(lambda batches: diagonal_fisher(self.model, param_names, batches))
