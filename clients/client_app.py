@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,10 +59,13 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         local_data = federation.client_data(partition_id)
+        settings = federation.local_training
+        if "local-epochs" in message.content["config"]:  # FedEraser's shorter calibration training
+            settings = replace(settings, epochs=int(message.content["config"]["local-epochs"]))
         train_loss = train_local(
             model,
             local_data,
-            federation.local_training,
+            settings,
             resolve_device(config["device"]),
             seed=derive_seed(config["seed"], "train", server_round, partition_id),
         )

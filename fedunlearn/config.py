@@ -122,6 +122,8 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("ga-lr", 0.01, "naive-ga: ascent learning rate (plain SGD).", check=positive_float),
     ConfigKey("ga-stop-forget-accuracy", 0.0, "naive-ga: stop once the client's accuracy on its data is at most this; 0 = never (the paper's setting).", check=closed_unit_interval),
     ConfigKey("fisher-alpha", 1e-6, "fisher: α scaling the inverse-Fisher noise variance (Golatkar et al.'s default).", check=positive_float),
+    ConfigKey("federaser-interval", 2, "federaser: store every client's update every this many rounds (Δt).", check=positive_int),
+    ConfigKey("federaser-calibration-ratio", 0.5, "federaser: calibration epochs as a share of local-epochs (the paper's 0.5).", check=unit_interval),
     ConfigKey("backdoor-client", -1, "Partition id of a malicious client that plants a backdoor (-1: none).", check=_range("an integer >= -1", lambda v: v >= -1)),
     ConfigKey("poison-fraction", 0.5, "Share of the malicious client's images that carry the trigger.", check=unit_interval),
     ConfigKey("target-class", 0, "Class the triggered images are relabelled to.", check=non_negative_int),

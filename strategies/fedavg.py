@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedunlearn.errors import RunFailed
+from fedunlearn.unlearning.federaser import StoredRound
 
 IDENTIFY = f"{MessageType.QUERY}.identify"
 
@@ -47,6 +48,7 @@ class UnlearningFedAvg(FedAvg):
         seed: int,
         round_timeout: float = 3600.0,
         excluded_partitions: tuple[int, ...] = (),
+        store_every: int = 0,
         **fedavg_options,
     ):
         fedavg_options.setdefault("min_train_nodes", 1)
@@ -63,6 +65,10 @@ class UnlearningFedAvg(FedAvg):
         # Every message this strategy sent, for the communication account in results.json (and tests).
         self.message_log: list[dict[str, object]] = []
         self.phase = "training"  # the job's current phase, recorded with every message
+        # FedEraser's server state: every store_every-th round, the global model sent and each
+        # client's update (0: keep nothing).
+        self.store_every = store_every
+        self.stored_rounds: dict[int, StoredRound] = {}
         # Aggregated client metrics by round, readable while the round is still running
         # (Strategy.start only hands its Result back at the end).
         self.client_metrics: dict[int, dict[str, float]] = {}
@@ -140,6 +146,8 @@ class UnlearningFedAvg(FedAvg):
             return []
         partitions = self._sample_partitions(self.fraction_train, self.min_train_nodes)
         self.trained_partitions[server_round] = partitions
+        if self.store_every and (server_round - 1) % self.store_every == 0:
+            self.stored_rounds[server_round] = StoredRound(global_state=arrays.to_torch_state_dict())
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._messages_for(partitions, record, MessageType.TRAIN)
@@ -165,7 +173,17 @@ class UnlearningFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, self._by_partition(replies))
+        replies = self._by_partition(replies)
+        if server_round in self.stored_rounds:
+            stored = self.stored_rounds[server_round]
+            for reply in replies:
+                if reply.has_error():
+                    continue
+                local_state = reply.content["arrays"].to_torch_state_dict()
+                stored.client_updates[int(reply.content["client"]["partition-id"])] = {
+                    name: local_state[name] - stored.global_state[name] for name in local_state
+                }
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             self.client_metrics.setdefault(server_round, {}).update(metrics)
         return arrays, metrics

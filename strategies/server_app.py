@@ -24,7 +24,7 @@ from fedunlearn.federation import build_federation
 from fedunlearn.ledger import Ledger, requests_from_config, requests_from_file, screen_requests
 from fedunlearn.results import RunRecord
 from fedunlearn.training import derive_seed, evaluate, resolve_device
-from fedunlearn.unlearning import parse_methods
+from fedunlearn.unlearning import get_method, parse_methods
 from strategies.fedavg import UnlearningFedAvg, UnlearningFailed
 from strategies.unlearning import UnlearningOutcome, apply_method
 
@@ -32,8 +32,9 @@ RoundCallback = Callable[[int, dict[str, Any]], None]
 PhaseCallback = Callable[[str], None]
 
 
-def _new_strategy(config: dict[str, Any], excluded: tuple[int, ...] = ()) -> UnlearningFedAvg:
+def _new_strategy(config: dict[str, Any], excluded: tuple[int, ...] = (), store_every: int = 0) -> UnlearningFedAvg:
     return UnlearningFedAvg(
+        store_every=store_every,
         num_clients=config["num-clients"],
         seed=derive_seed(config["seed"], "sampling"),
         fraction_train=config["fraction-train"],
@@ -62,7 +63,11 @@ class FederatedJob:
         self.device = resolve_device(config["device"])
         self.model = self.federation.initial_model()
         self.initial_state = {name: value.clone() for name, value in self.model.state_dict().items()}
-        self.strategy = _new_strategy(config)
+        # A method that replays training (FedEraser) declares it up front: training then stores updates.
+        needs_storage = any(
+            getattr(get_method(name), "needs_stored_updates", False) for name in parse_methods(config["unlearn-methods"])
+        )
+        self.strategy = _new_strategy(config, store_every=config["federaser-interval"] if needs_storage else 0)
 
     # --- phases --------------------------------------------------------------------------------
 
@@ -191,6 +196,8 @@ class FederatedJob:
             retrain_seconds = retrain_info["seconds"]
             self.record.methods["retrain"].update(seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"])
             for name, outcome in outcomes.items():
+                if "storage_bytes" in outcome.details:
+                    self.record.methods[name]["storage_bytes"] = outcome.details["storage_bytes"]
                 self.record.methods[name].update(
                     seconds=outcome.seconds,
                     speedup=retrain_seconds / outcome.seconds if outcome.seconds > 0 else None,

@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from fedunlearn.unlearning import get_method
+from fedunlearn.unlearning import federaser, get_method
 from fedunlearn.unlearning.causal import adaptive_scale, causal_weights
-from strategies.fedavg import UnlearningFedAvg
+from strategies.fedavg import UnlearningFailed, UnlearningFedAvg
 
 UNLEARN = f"{MessageType.TRAIN}.unlearn"
 QUERY_GRADIENT = f"{MessageType.QUERY}.gradient"
@@ -178,7 +178,50 @@ def unlearn_on_server(
     )
 
 
+class FederatedReplayClients:
+    """FedEraser's calibration training: a ``train`` round with fewer local epochs, remaining clients only."""
+
+    def __init__(self, strategy: UnlearningFedAvg, grid: Grid, remaining: Sequence[int], timeout: float):
+        self.strategy, self.grid, self.remaining, self.timeout = strategy, grid, sorted(remaining), timeout
+        self.rounds = 0
+
+    def sizes(self) -> dict[int, int]:
+        return {k: info.num_examples for k, info in self.strategy.clients.items()}
+
+    def calibrate(self, state: dict[str, Tensor], epochs: int) -> dict[int, dict[str, Tensor]]:
+        self.rounds += 1
+        # Round numbers past any training round keep the calibration's shuffling seeds distinct.
+        config = ConfigRecord({"server-round": CALIBRATION_ROUND_BASE + self.rounds, "local-epochs": epochs})
+        record = RecordDict({"arrays": ArrayRecord(state), "config": config})
+        replies = self.strategy.exchange(self.grid, self.remaining, record, MessageType.TRAIN, self.timeout)
+        return {k: reply.content["arrays"].to_torch_state_dict() for k, reply in replies.items()}
+
+
+CALIBRATION_ROUND_BASE = 1_000_000
+
+
+def unlearn_by_replay(strategy, grid, forget_partitions, config) -> UnlearningOutcome:
+    """FedEraser: replay the stored rounds with calibrated updates of the remaining clients."""
+    start = time.perf_counter()
+    if not strategy.stored_rounds:
+        raise UnlearningFailed("federaser: no training updates were stored (it must be listed before training starts)")
+    remaining = [k for k in strategy.clients if k not in set(forget_partitions)]
+    clients = FederatedReplayClients(strategy, grid, remaining, config["unlearn-timeout"])
+    epochs = max(1, round(config["federaser-calibration-ratio"] * config["local-epochs"]))
+    state, diagnostics = federaser.replay(strategy.stored_rounds, remaining, clients, epochs)
+    return UnlearningOutcome(
+        method="federaser",
+        state=state,
+        seconds=time.perf_counter() - start,
+        affected_clients=sorted(forget_partitions),
+        communication_rounds=clients.rounds,
+        details=diagnostics,
+    )
+
+
 def apply_method(strategy, grid, state, model, method, forget_partitions, config) -> UnlearningOutcome:
+    if get_method(method).runs_on == "replay":
+        return unlearn_by_replay(strategy, grid, forget_partitions, config)
     if get_method(method).runs_on == "server":
         return unlearn_on_server(strategy, grid, state, model, method, forget_partitions, config)
     return unlearn_on_affected_clients(strategy, grid, state, method, forget_partitions, config)

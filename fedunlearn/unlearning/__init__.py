@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedunlearn.errors import ConfigError
 from fedunlearn.unlearning.base import ClientSideMethod, ClientUpdate, RemainingClients, ServerSideMethod, ServerUpdate
+from fedunlearn.unlearning.federaser import FedEraser
 from fedunlearn.unlearning.fisher import FisherForgetting
 from fedunlearn.unlearning.gradient_ascent import NaiveGradientAscent
 from fedunlearn.unlearning.hf_kcu import HFKCU
@@ -17,6 +18,7 @@ METHODS: dict[str, ClientSideMethod | ServerSideMethod] = {
     "kfac-mpo": TensorUnlearn("kfac-mpo", solver="kfac-mpo"),
     "naive-ga": NaiveGradientAscent(),
     "fisher": FisherForgetting(),
+    "federaser": FedEraser(),
 }
 
 
