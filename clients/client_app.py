@@ -141,14 +141,13 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         model.to(device)
         names = [str(name) for name in message.content["config"]["param-names"]]
-        batches = _on_device(
-            batches_of(federation.client_data(partition_id), federation.config["curvature-batch-size"]), device
-        )
+        local_data = federation.client_data(partition_id)
+        batches = _on_device(batches_of(local_data, federation.config["curvature-batch-size"]), device)
         result = compute(model, names, batches)
         content = RecordDict(
             {
                 "result": ArrayRecord({name: r.detach().cpu().contiguous() for name, r in zip(names, result)}),
-                "metrics": MetricRecord({"num-examples": len(federation.client_data(partition_id))}),
+                "metrics": MetricRecord({"num-examples": len(local_data)}),
                 "client": _client_identity(partition_id),
             }
         )

@@ -55,6 +55,23 @@ def _check_vector(vector: Sequence[Tensor], params: dict[str, Tensor], names: li
             raise ValueError(f"vector entry for {name!r} has shape {tuple(v.shape)}, expected {tuple(params[name].shape)}")
 
 
+def _example_weighted_mean(
+    batches: Batches, names: list[str], params: dict[str, Tensor], per_batch: Callable[[Tensor, Tensor], dict[str, Tensor]]
+) -> list[Tensor]:
+    """Σ_b n_b · per_batch(b) / N: the mean-loss product from per-batch mean-loss products."""
+    total = [torch.zeros_like(params[name]) for name in names]
+    num_examples = 0
+    for inputs, targets in batches:
+        result = per_batch(inputs, targets)
+        n = inputs.shape[0]
+        num_examples += n
+        for acc, name in zip(total, names):
+            acc.add_(result[name], alpha=n)
+    if num_examples == 0:
+        raise ValueError("no batches: the data loader is empty")
+    return [acc / num_examples for acc in total]
+
+
 def hvp(
     model: nn.Module,
     param_names: Sequence[str] | None,
@@ -72,21 +89,13 @@ def hvp(
     _check_vector(vector, params, names)
     tangent = {name: v.to(params[name].dtype) for name, v in zip(names, vector)}
 
-    total = [torch.zeros_like(params[name]) for name in names]
-    num_examples = 0
-    for inputs, targets in batches:
-
-        def batch_loss(p: dict[str, Tensor], inputs: Tensor = inputs, targets: Tensor = targets) -> Tensor:
+    def batch_product(inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        def batch_loss(p: dict[str, Tensor]) -> Tensor:
             return loss_fn(functional_call(model, {**constants, **p}, (inputs,)), targets)
 
-        _, hv = jvp(grad(batch_loss), (params,), (tangent,))
-        n = inputs.shape[0]
-        num_examples += n
-        for acc, name in zip(total, names):
-            acc.add_(hv[name], alpha=n)
-    if num_examples == 0:
-        raise ValueError("no batches: the data loader is empty")
-    return [acc / num_examples for acc in total]
+        return jvp(grad(batch_loss), (params,), (tangent,))[1]
+
+    return _example_weighted_mean(batches, names, params, batch_product)
 
 
 def ggn_vp(
@@ -107,29 +116,19 @@ def ggn_vp(
     _check_vector(vector, params, names)
     tangent = {name: v.to(params[name].dtype) for name, v in zip(names, vector)}
 
-    total = [torch.zeros_like(params[name]) for name in names]
-    num_examples = 0
-    for inputs, targets in batches:
-
-        def outputs_of(p: dict[str, Tensor], inputs: Tensor = inputs) -> Tensor:
+    def batch_product(inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        def outputs_of(p: dict[str, Tensor]) -> Tensor:
             return functional_call(model, {**constants, **p}, (inputs,))
 
-        outputs, jacobian_vector = jvp(outputs_of, (params,), (tangent,))
-        outputs = outputs.detach()
-
-        def loss_of_outputs(out: Tensor, targets: Tensor = targets) -> Tensor:
+        def loss_of_outputs(out: Tensor) -> Tensor:
             return loss_fn(out, targets)
 
-        _, output_hessian_jv = jvp(grad(loss_of_outputs), (outputs,), (jacobian_vector,))
+        outputs, jacobian_vector = jvp(outputs_of, (params,), (tangent,))
+        _, output_hessian_jv = jvp(grad(loss_of_outputs), (outputs.detach(),), (jacobian_vector,))
         _, pullback = vjp(outputs_of, params)
-        (gv,) = pullback(output_hessian_jv)
-        n = inputs.shape[0]
-        num_examples += n
-        for acc, name in zip(total, names):
-            acc.add_(gv[name], alpha=n)
-    if num_examples == 0:
-        raise ValueError("no batches: the data loader is empty")
-    return [acc / num_examples for acc in total]
+        return pullback(output_hessian_jv)[0]
+
+    return _example_weighted_mean(batches, names, params, batch_product)
 
 
 def loss_gradient(
@@ -141,21 +140,13 @@ def loss_gradient(
     """The gradient of the mean loss over ``batches`` (e.g. the forget gradient)."""
     names = resolve_param_names(model, param_names)
     params, constants = _split_params(model, names)
-    total = [torch.zeros_like(params[name]) for name in names]
-    num_examples = 0
-    for inputs, targets in batches:
-
-        def batch_loss(p: dict[str, Tensor], inputs: Tensor = inputs, targets: Tensor = targets) -> Tensor:
+    def batch_gradient(inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        def batch_loss(p: dict[str, Tensor]) -> Tensor:
             return loss_fn(functional_call(model, {**constants, **p}, (inputs,)), targets)
 
-        g = grad(batch_loss)(params)
-        n = inputs.shape[0]
-        num_examples += n
-        for acc, name in zip(total, names):
-            acc.add_(g[name], alpha=n)
-    if num_examples == 0:
-        raise ValueError("no batches: the data loader is empty")
-    return [acc / num_examples for acc in total]
+        return grad(batch_loss)(params)
+
+    return _example_weighted_mean(batches, names, params, batch_gradient)
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:

@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
 from fedunlearn.curvature import Batches, resolve_param_names
 from fedunlearn.training import derive_seed
 from fedunlearn.unlearning.base import RemainingClients, ServerUpdate
+from fedunlearn.unlearning.objective import per_example_cross_entropy_gradients
 
 INVERSE_FISHER_CAP = 1e3
 FISHER_FLOOR = 1e-8
@@ -32,16 +32,9 @@ FISHER_FLOOR = 1e-8
 def diagonal_fisher(model: nn.Module, names, batches: Batches) -> list[Tensor]:
     """The exact diagonal Fisher: E_x Σ_c p(c|x) (∂ log p(c|x) / ∂θ)², per-example gradients by vmap."""
     names = resolve_param_names(model, names)
-    params = {name: p.detach() for name, p in model.named_parameters() if name in set(names)}
-    constants = {name: p.detach() for name, p in model.named_parameters() if name not in set(names)}
-    constants.update(dict(model.named_buffers()))
-
-    def example_loss(p, x, label):
-        logits = functional_call(model, {**p, **constants}, (x.unsqueeze(0),))
-        return F.cross_entropy(logits, label.unsqueeze(0))
-
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
-    total = {name: torch.zeros_like(value) for name, value in params.items()}
+    per_example = per_example_cross_entropy_gradients(model, names)
+    parameters = dict(model.named_parameters())
+    total = {name: torch.zeros_like(parameters[name]) for name in names}
     count = 0
     was_training = model.training
     model.eval()
@@ -50,7 +43,7 @@ def diagonal_fisher(model: nn.Module, names, batches: Batches) -> list[Tensor]:
             probabilities = F.softmax(model(inputs), dim=1)
         for label in range(probabilities.shape[1]):
             labels = torch.full((len(inputs),), label, dtype=torch.long, device=inputs.device)
-            gradients = per_example(params, inputs, labels)
+            gradients = per_example(inputs, labels)
             weight = probabilities[:, label]
             for name, g in gradients.items():
                 total[name] += torch.einsum("n,n...->...", weight, g.pow(2))

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from fedunlearn.curvature import ggn_vp, hvp, loss_gradient, resolve_param_names
@@ -45,6 +47,11 @@ def _regularizer_terms(model: nn.Module, names: Sequence[str], vector: Sequence[
     return [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(products, chosen)]
 
 
+def regularizer_gradient(model: nn.Module, names: Sequence[str]) -> list[Tensor] | None:
+    """∇R for ``names``, or None when the model has no regulariser."""
+    return _regularizer_terms(model, names, None)
+
+
 def objective_gradient(model: nn.Module, names: Sequence[str] | None, batches) -> list[Tensor]:
     names = resolve_param_names(model, names)
     gradient = loss_gradient(model, names, batches)
@@ -70,3 +77,22 @@ def regularizer_curvature(model: nn.Module) -> float:
     the damping: exact on the weights, a slight over-damping of the bias.
     """
     return float(getattr(model, "l2", 0.0))
+
+
+def per_example_cross_entropy_gradients(model: nn.Module, names: Sequence[str] | None):
+    """A function ``(inputs, labels) -> {name: per-example gradients}`` of the cross-entropy (``torch.func.vmap``).
+
+    Used by the certificate's G_max (TensorUnlearn) and the diagonal Fisher (Fisher forgetting).
+    """
+    names = resolve_param_names(model, names)
+    chosen = set(names)
+    params = {name: p.detach() for name, p in model.named_parameters() if name in chosen}
+    constants = {name: p.detach() for name, p in model.named_parameters() if name not in chosen}
+    constants.update(dict(model.named_buffers()))
+
+    def example_loss(p, x, label):
+        logits = functional_call(model, {**p, **constants}, (x.unsqueeze(0),))
+        return F.cross_entropy(logits, label.unsqueeze(0))
+
+    batched = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    return lambda inputs, labels: batched(params, inputs, labels)

@@ -11,44 +11,36 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, vmap
 
-from fedunlearn.curvature import Batches, certificate, kronecker_inverse_gap
+from fedunlearn.curvature import Batches, certificate, kronecker_inverse_gap, resolve_param_names
 from fedunlearn.training import derive_seed
 from fedunlearn.unlearning.base import ClientUpdate
 from fedunlearn.unlearning.influence import influence_step, norm_of
-from fedunlearn.unlearning.objective import regularizer_curvature
+from fedunlearn.unlearning.objective import (
+    per_example_cross_entropy_gradients,
+    regularizer_curvature,
+    regularizer_gradient,
+)
 
 PER_SAMPLE_CHUNK = 64
 
 
 def max_per_sample_gradient_norm(model: nn.Module, batches: Batches) -> float:
     """G_max = max over forget examples of ‖∇ℓ(z, θ*)‖₂ (the certificate's Newton-residual term)."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    buffers = {name: b for name, b in model.named_buffers()}
-    regularizer = getattr(model, "regularizer", None)
-
-    def example_loss(p, x, y):
-        logits = functional_call(model, {**p, **buffers}, (x.unsqueeze(0),))
-        return torch.nn.functional.cross_entropy(logits, y.unsqueeze(0))
-
-    per_example_gradient = vmap(grad(example_loss), in_dims=(None, 0, 0))
-    regularizer_gradient = None
-    if callable(regularizer):
-        with torch.enable_grad():
-            chosen = dict(model.named_parameters())
-            grads = torch.autograd.grad(regularizer(), list(chosen.values()), allow_unused=True)
-        regularizer_gradient = {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(chosen.items(), grads)}
+    names = resolve_param_names(model)
+    per_example_gradient = per_example_cross_entropy_gradients(model, names)
+    regularizer_terms = regularizer_gradient(model, names)
+    regularizer_by_name = None if regularizer_terms is None else dict(zip(names, regularizer_terms))
     largest = 0.0
     was_training = model.training
     model.eval()
     for inputs, targets in batches:
         for start in range(0, len(targets), PER_SAMPLE_CHUNK):
-            gradients = per_example_gradient(params, inputs[start : start + PER_SAMPLE_CHUNK], targets[start : start + PER_SAMPLE_CHUNK])
+            gradients = per_example_gradient(inputs[start : start + PER_SAMPLE_CHUNK], targets[start : start + PER_SAMPLE_CHUNK])
             squared = 0.0
             for name, g in gradients.items():
-                if regularizer_gradient is not None:
-                    g = g + regularizer_gradient[name]
+                if regularizer_by_name is not None:
+                    g = g + regularizer_by_name[name]
                 squared = squared + g.flatten(1).pow(2).sum(dim=1)
             largest = max(largest, float(squared.sqrt().max()))
     model.train(was_training)
