@@ -124,6 +124,8 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("fisher-alpha", 1e-6, "fisher: α scaling the inverse-Fisher noise variance (Golatkar et al.'s default).", check=positive_float),
     ConfigKey("federaser-interval", 2, "federaser: store every client's update every this many rounds (Δt).", check=positive_int),
     ConfigKey("federaser-calibration-ratio", 0.5, "federaser: calibration epochs as a share of local-epochs (the paper's 0.5).", check=unit_interval),
+    ConfigKey("sisa-shards", 2, "sisa: shards S; each trains its own FedAvg constituent on its clients only.", check=positive_int),
+    ConfigKey("sisa-slices", 2, "sisa: slices R per shard; clients enter in R stages, a checkpoint after each (at most the shard's clients and the rounds).", check=positive_int),
     ConfigKey("backdoor-client", -1, "Partition id of a malicious client that plants a backdoor (-1: none).", check=_range("an integer >= -1", lambda v: v >= -1)),
     ConfigKey("poison-fraction", 0.5, "Share of the malicious client's images that carry the trigger.", check=unit_interval),
     ConfigKey("target-class", 0, "Class the triggered images are relabelled to.", check=non_negative_int),
@@ -191,6 +193,8 @@ def _check_consistency(config: dict[str, ConfigValue]) -> None:
     """Checks that involve two keys."""
     if config["backdoor-client"] >= config["num-clients"]:
         raise ConfigError("backdoor-client", config["backdoor-client"], f"-1 or 0..{config['num-clients'] - 1}")
+    if config["sisa-shards"] > config["num-clients"] and "sisa" in [name.strip() for name in str(config["unlearn-methods"]).split(",")]:
+        raise ConfigError("sisa-shards", config["sisa-shards"], f"1..{config['num-clients']} (num-clients)")
     if config["unlearn-after-round"] > config["num-rounds"]:
         raise ConfigError(
             "unlearn-after-round", config["unlearn-after-round"], f"0 (after the last round) or 1..{config['num-rounds']} (num-rounds)"

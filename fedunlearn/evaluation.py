@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from fedunlearn.data.backdoor import attack_success_rate, trigger_for, triggered_test_set
 from fedunlearn.federation import Federation
@@ -37,7 +37,10 @@ def evaluate_models(
     forget_clients: list[int],
     device: torch.device,
     config: dict[str, Any],
+    predictors: dict[str, nn.Module] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Scores of every state (loaded into ``model``) and every predictor that is not one model's
+    weights (SISA's ensembles), by name."""
     forget_set, retain_set = forget_and_retain_sets(federation, forget_clients)
     if forget_set is None or "retrain" not in states:
         # Nothing deleted: the trained model's own scores only.
@@ -67,28 +70,49 @@ def evaluate_models(
         original=original, retrained=retrained, test_set=federation.data.test,
         forget_set=forget_set, retain_set=retain_set, device=device, membership=membership,
     )
-    scores = {}
-    for name, state in states.items():
-        model.load_state_dict(state)
+    def score(name: str, predictor: nn.Module) -> None:
         try:
-            scores[name] = evaluator.evaluate(model.to(device))
+            scores[name] = evaluator.evaluate(predictor.to(device))
         except ValueError as error:
             # A diverged model (naive-ga's collapse) has infinite losses: the attack has nothing to rank.
-            scores[name] = json_ready(evaluator.compare(model.to(device)))
+            scores[name] = json_ready(evaluator.compare(predictor.to(device)))
             scores[name].update({key: None for key in MIA_KEYS}, mia_note=str(error))
-        scores[name]["test_loss"] = evaluate(model, federation.data.test, device)["loss"]
+        scores[name]["test_loss"] = evaluate(predictor, federation.data.test, device)["loss"]
+
+    scores: dict[str, dict[str, Any]] = {}
+    for name, state in states.items():
+        model.load_state_dict(state)
+        score(name, model)
+    for name, predictor in (predictors or {}).items():
+        score(name, predictor)
+        if hasattr(predictor, "vote"):
+            for split, dataset in (("test", federation.data.test), ("forget", forget_set), ("retain", retain_set)):
+                scores[name][f"{split}_accuracy_vote"] = vote_accuracy(predictor, dataset, device)
     if config["backdoor-client"] >= 0:
-        add_attack_success_rates(federation, model, states, scores, device, config)
+        add_attack_success_rates(federation, model, states, scores, device, config, predictors or {})
     return scores
 
 
-def add_attack_success_rates(federation, model, states, scores, device, config) -> None:
+@torch.no_grad()
+def vote_accuracy(ensemble: nn.Module, dataset, device: torch.device) -> float:
+    """Accuracy of the ensemble's majority vote (the main keys use its mean probability)."""
+    ensemble.to(device).eval()
+    correct = total = 0
+    for inputs, targets in DataLoader(dataset, batch_size=512):
+        correct += int((ensemble.vote(inputs.to(device)).cpu() == targets).sum())
+        total += len(targets)
+    return correct / total
+
+
+def add_attack_success_rates(federation, model, states, scores, device, config, predictors) -> None:
     """``asr`` per model and ``asr_reduction`` = (ASR(original) − ASR(model)) / ASR(original)."""
     trigger = trigger_for(config, federation.data.train.tensors[0])
     triggered = triggered_test_set(federation.data.test, trigger, config["target-class"])
     for name, state in states.items():
         model.load_state_dict(state)
         scores[name]["asr"] = attack_success_rate(model, triggered, config["target-class"], device)
+    for name, predictor in predictors.items():
+        scores[name]["asr"] = attack_success_rate(predictor.to(device), triggered, config["target-class"], device)
     baseline = scores["original"]["asr"]
-    for name in states:
+    for name in scores:
         scores[name]["asr_reduction"] = (baseline - scores[name]["asr"]) / baseline if baseline > 0 else None

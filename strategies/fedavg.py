@@ -137,6 +137,19 @@ class UnlearningFedAvg(FedAvg):
             raise UnlearningFailed(f"{message_type}: no reply from client(s) {missing} within {timeout:.0f} s")
         return dict(sorted(by_partition.items()))
 
+    def train_from(self, grid: Grid, state: dict, num_rounds: int, evaluate_fn=None) -> dict:
+        """``num_rounds`` rounds of this FedAvg from ``state``; the final global ``state_dict``."""
+        result = self.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(state),
+            num_rounds=num_rounds,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+            timeout=self.round_timeout,
+        )
+        return result.arrays.to_torch_state_dict()
+
     # --- FedAvg hooks -----------------------------------------------------------------------------
 
     def configure_train(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn import config as run_config
@@ -25,7 +25,9 @@ from fedunlearn.ledger import Ledger, requests_from_config, requests_from_file, 
 from fedunlearn.results import RunRecord
 from fedunlearn.training import derive_seed, evaluate, resolve_device
 from fedunlearn.unlearning import get_method, parse_methods
+from fedunlearn.unlearning.sisa import ensemble_of
 from strategies.fedavg import UnlearningFedAvg, UnlearningFailed
+from strategies.sisa import SisaTraining, train_constituents
 from strategies.unlearning import UnlearningOutcome, apply_method
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
@@ -68,6 +70,9 @@ class FederatedJob:
             getattr(get_method(name), "needs_stored_updates", False) for name in parse_methods(config["unlearn-methods"])
         )
         self.strategy = _new_strategy(config, store_every=config["federaser-interval"] if needs_storage else 0)
+        # SISA trains its own shard constituents beside the global model; it declares that too.
+        self.trains_constituents = any(get_method(name).runs_on == "shards" for name in parse_methods(config["unlearn-methods"]))
+        self.sisa_training: SisaTraining | None = None
 
     # --- phases --------------------------------------------------------------------------------
 
@@ -87,21 +92,29 @@ class FederatedJob:
             requests += requests_from_file(config["deletion-requests"])
         methods = parse_methods(config["unlearn-methods"])
         accepted = screen_requests(requests, clients, ledger)
+        forget = sorted({client for request in accepted for client in request.clients})
         stop_round = deletion_round(config)
 
         self.on_phase("training")
         trained_state = self._train(self.initial_state, rounds=stop_round, first_round=1, strategy=self.strategy)
         self.record.methods["original"] = {"seconds": self.record.rounds[-1]["seconds"]}
         torch.save(trained_state, self.out_dir / "global_model.pt")
+        if self.trains_constituents and forget:
+            self.sisa_training = train_constituents(
+                self.grid, self.strategy.clients, config, self.initial_state, stop_round, self.out_dir, self.on_phase,
+            )
+            self.strategy.message_log.extend(self.sisa_training.message_log)
 
-        forget = sorted({client for request in accepted for client in request.clients})
         outcomes: dict[str, UnlearningOutcome] = {}
         if forget:
             for method in methods:
                 self.on_phase(f"unlearning: {method}")
                 self.strategy.phase = f"unlearning: {method}"
                 try:
-                    outcome = apply_method(self.strategy, self.grid, trained_state, self.model, method, forget, config)
+                    outcome = apply_method(
+                        self.strategy, self.grid, trained_state, self.model, method, forget, config,
+                        sisa_training=self.sisa_training, new_model=self.federation.new_model,
+                    )
                 except UnlearningFailed as failure:
                     for request in accepted:
                         ledger.append(request, "failed", method=method, affected_clients=forget, reason=str(failure))
@@ -147,16 +160,7 @@ class FederatedJob:
                 self.on_round(server_round + offset, entry)
             return MetricRecord({"test-loss": scores["loss"], "test-accuracy": scores["accuracy"]})
 
-        result = strategy.start(
-            grid=self.grid,
-            initial_arrays=ArrayRecord(start_state),
-            num_rounds=rounds,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluate_on_test_set,
-            timeout=config["round-timeout"],
-        )
-        return result.arrays.to_torch_state_dict()
+        return strategy.train_from(self.grid, start_state, rounds, evaluate_fn=evaluate_on_test_set)
 
     def _retrain(self, forget: list[int], rounds: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """FedAvg from the same initial model and seed without the deleted clients, timed like training."""
@@ -168,17 +172,9 @@ class FederatedJob:
         strategy.clients = dict(self.strategy.clients)
         strategy.phase = "retrain"
         start = time.perf_counter()
-        result = strategy.start(
-            grid=self.grid,
-            initial_arrays=ArrayRecord(self.initial_state),
-            num_rounds=rounds,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            timeout=self.config["round-timeout"],
-        )
+        state = strategy.train_from(self.grid, self.initial_state, rounds)
         seconds = time.perf_counter() - start
         self.strategy.message_log.extend(strategy.message_log)
-        state = result.arrays.to_torch_state_dict()
         info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key}
         retrain_cache.store(key, state, info)
         return state, {**info, "from_cache": False}
@@ -187,8 +183,17 @@ class FederatedJob:
         states = {"original": trained_state}
         if retrained_state is not None:
             states["retrain"] = retrained_state
-        states.update({name: outcome.state for name, outcome in outcomes.items()})
-        scores = evaluate_models(self.federation, self.model, states, forget, self.device, self.config)
+        states.update({name: outcome.state for name, outcome in outcomes.items() if outcome.state is not None})
+        predictors = {name: outcome.predictor for name, outcome in outcomes.items() if outcome.predictor is not None}
+        if self.sisa_training is not None and "sisa" in predictors:
+            predictors["sisa-before-deletion"] = ensemble_of(self.sisa_training.constituents, self.federation.new_model)
+        scores = evaluate_models(self.federation, self.model, states, forget, self.device, self.config, predictors)
+        if "sisa-before-deletion" in scores:
+            # SISA's own starting point (its ensemble before the deletion), not a method of its own.
+            before = scores.pop("sisa-before-deletion")
+            outcomes["sisa"].details["ensemble_before_deletion"] = {
+                key: before[key] for key in ("test_accuracy", "test_accuracy_vote", "forget_accuracy", "asr") if key in before
+            }
         for name, values in scores.items():
             entry = self.record.methods.setdefault(name, {})
             entry.update(values)
@@ -196,8 +201,9 @@ class FederatedJob:
             retrain_seconds = retrain_info["seconds"]
             self.record.methods["retrain"].update(seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"])
             for name, outcome in outcomes.items():
-                if "storage_bytes" in outcome.details:
-                    self.record.methods[name]["storage_bytes"] = outcome.details["storage_bytes"]
+                for headline in ("storage_bytes", "retrained_fraction"):
+                    if headline in outcome.details:
+                        self.record.methods[name][headline] = outcome.details[headline]
                 self.record.methods[name].update(
                     seconds=outcome.seconds,
                     speedup=retrain_seconds / outcome.seconds if outcome.seconds > 0 else None,
@@ -209,7 +215,10 @@ class FederatedJob:
 
     def _continue_after_deletion(self, outcomes, forget, stop_round) -> None:
         """Rounds after the deletion point go on without the deleted clients, from the first method's model."""
-        first = next(iter(outcomes.values()))
+        with_model = [outcome for outcome in outcomes.values() if outcome.state is not None]
+        if not with_model:
+            return  # an ensemble (SISA) is not a global model to go on training
+        first = with_model[0]
         self.on_phase(f"training after the deletion (from {first.method})")
         strategy = _new_strategy(self.config, excluded=tuple(forget))
         strategy.clients = dict(self.strategy.clients)

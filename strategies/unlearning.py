@@ -21,6 +21,7 @@ from torch import Tensor
 from fedunlearn.unlearning import federaser, get_method
 from fedunlearn.unlearning.causal import adaptive_scale, causal_weights
 from strategies.fedavg import UnlearningFailed, UnlearningFedAvg
+from strategies.sisa import unlearn_shards
 
 UNLEARN = f"{MessageType.TRAIN}.unlearn"
 QUERY_GRADIENT = f"{MessageType.QUERY}.gradient"
@@ -30,13 +31,17 @@ QUERY_FISHER = f"{MessageType.QUERY}.fisher"
 
 @dataclass
 class UnlearningOutcome:
+    """What one method produced: a new global model (``state``), or a predictor that is not one
+    model's weights (SISA's ensemble, ``predictor``)."""
+
     method: str
-    state: dict[str, Tensor]
+    state: dict[str, Tensor] | None
     seconds: float
     affected_clients: list[int]
     communication_rounds: int
     epsilon: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    predictor: torch.nn.Module | None = None
 
 
 def _as_named_arrays(names: Sequence[str], tensors: Sequence[Tensor]) -> ArrayRecord:
@@ -219,7 +224,11 @@ def unlearn_by_replay(strategy, grid, forget_partitions, config) -> UnlearningOu
     )
 
 
-def apply_method(strategy, grid, state, model, method, forget_partitions, config) -> UnlearningOutcome:
+def apply_method(strategy, grid, state, model, method, forget_partitions, config, sisa_training=None, new_model=None) -> UnlearningOutcome:
+    if get_method(method).runs_on == "shards":
+        if sisa_training is None:
+            raise UnlearningFailed("sisa: no constituents were trained (it must be listed before training starts)")
+        return unlearn_shards(grid, strategy.clients, sisa_training, list(forget_partitions), config, new_model, strategy.message_log)
     if get_method(method).runs_on == "replay":
         return unlearn_by_replay(strategy, grid, forget_partitions, config)
     if get_method(method).runs_on == "server":

@@ -104,7 +104,9 @@ class UnlearningEvaluator:
             "kl_to_retrain": kl_divergence(self.retrain_test_logits, test_logits),
             "logit_mse_to_retrain": logit_mse(test_logits, self.retrain_test_logits),
             "agreement_with_retrain": prediction_agreement(test_logits, self.retrain_test_logits),
-            "param_gap": parameter_gap(model, self.retrained),
+            # An ensemble (SISA) has no one weight vector to set beside the retrained model's.
+            "param_gap": parameter_gap(model, self.retrained)
+            if getattr(model, "has_single_parameter_vector", True) else float("nan"),
             "cf": causal_faithfulness(
                 self.original_test_accuracy, test_accuracy, self.retrain_test_accuracy, self.cf_min_denominator
             ),

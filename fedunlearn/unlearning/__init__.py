@@ -9,6 +9,7 @@ from fedunlearn.unlearning.fisher import FisherForgetting
 from fedunlearn.unlearning.gradient_ascent import NaiveGradientAscent
 from fedunlearn.unlearning.hf_kcu import HFKCU
 from fedunlearn.unlearning.hf_kcu_global import HFKCUGlobal
+from fedunlearn.unlearning.sisa import SISA
 from fedunlearn.unlearning.tensorunlearn import TensorUnlearn
 
 METHODS: dict[str, ClientSideMethod | ServerSideMethod] = {
@@ -19,6 +20,7 @@ METHODS: dict[str, ClientSideMethod | ServerSideMethod] = {
     "naive-ga": NaiveGradientAscent(),
     "fisher": FisherForgetting(),
     "federaser": FedEraser(),
+    "sisa": SISA(),
 }
 
 
