@@ -1,7 +1,7 @@
 """ClientApp: ``train`` and ``evaluate`` on the Message API.
 
 A client learns which partition it holds from ``context.node_config`` (``partition-id``,
-``num-partitions``) and everything else from the run config. Under ``flwr run`` that is
+``num-partitions``, and optionally its own ``data-dir``) and everything else from the run config. Under ``flwr run`` that is
 ``context.run_config``; ``flwr.simulation.run_simulation`` passes no run config, so the CLI binds
 the resolved config when it builds the app (:func:`build_client_app`).
 """
@@ -28,6 +28,10 @@ from fedunlearn.unlearning.objective import batches_of, objective_curvature_prod
 
 def _federation_for(context: Context, bound_config: dict[str, Any] | None) -> tuple[Federation, int]:
     config = bound_config if bound_config is not None else run_config.resolve(context.run_config)
+    if "data-dir" in context.node_config:
+        # On a deployment each data holder keeps its data where it likes (flower-supernode
+        # --node-config); the run config's data-dir, the same for every node, is only the default.
+        config = dict(config, **{"data-dir": str(context.node_config["data-dir"])})
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     return build_federation(config, num_partitions=num_partitions), partition_id
@@ -62,18 +66,23 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         settings = federation.local_training
         if "local-epochs" in message.content["config"]:  # FedEraser's shorter calibration training
             settings = replace(settings, epochs=int(message.content["config"]["local-epochs"]))
+        device = resolve_device(config["device"])
         train_loss = train_local(
             model,
             local_data,
             settings,
-            resolve_device(config["device"]),
+            device,
             seed=derive_seed(config["seed"], "train", server_round, partition_id),
         )
+        identity = _client_identity(partition_id)
+        # device=auto resolves on each node, and Ray decides which GPUs a client sees: the reply says
+        # where training really ran (tests check GPU placement with it).
+        identity["device"] = str(device)
         content = RecordDict(
             {
                 "arrays": ArrayRecord(model.cpu().state_dict()),
                 "metrics": MetricRecord({"train-loss": train_loss, "num-examples": len(local_data)}),
-                "client": _client_identity(partition_id),
+                "client": identity,
             }
         )
         return Message(content=content, reply_to=message)

@@ -71,13 +71,14 @@ def _method_list(value: Any) -> str | None:
 
 _open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("logreg", "simple-cnn", "resnet18", "vit-lite")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mnist1d")
+MODELS = ("logreg", "simple-cnn", "resnet18", "vit-lite", "cnn1d")
 
 KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey("dataset", "digits", "Data set; digits ships with scikit-learn, the others load from data-dir.", DATASETS),
+    ConfigKey("dataset", "digits", "Data set; digits ships with scikit-learn, mnist1d is generated offline, the others load from data-dir.", DATASETS),
     ConfigKey("data-dir", "data", "Folder holding torchvision data sets (relative to the working directory)."),
     ConfigKey("download", False, "Download mnist / fashion-mnist / cifar10 into data-dir when missing."),
+    ConfigKey("mnist1d-samples", 20000, "mnist1d: signals generated offline (fixed generator seed), split 80/20 into train and test; cached in the project cache.", check=_range("an integer >= 100", lambda v: v >= 100)),
     ConfigKey("model", "simple-cnn", "Model architecture.", MODELS),
     ConfigKey("num-clients", 10, "Number of clients (Flower SuperNodes / partitions).", check=positive_int),
     ConfigKey("partition", "dirichlet", "How the training set is split over clients.", ("dirichlet", "iid")),
@@ -94,6 +95,7 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("device", "auto", "Where clients and server compute; auto takes a GPU when the node has one.", ("auto", "cpu", "cuda")),
     ConfigKey("client-num-cpus", 1.0, "CPUs Ray reserves per simulated client.", check=positive_float),
     ConfigKey("client-num-gpus", 0.0, "GPUs (fractions allowed) Ray reserves per simulated client.", check=non_negative_float),
+    ConfigKey("ray-address", "", "An existing Ray cluster to run the simulated clients on (HOST:PORT of its head, or auto); empty starts a local Ray.", check=_range("empty, auto or HOST:PORT", lambda v: v in ("", "auto") or ("://" not in v and bool(v.rpartition(":")[0]) and v.rpartition(":")[2].isdigit()))),
     ConfigKey("round-timeout", 3600.0, "Seconds the server waits for the replies of one round (Flower's default).", check=positive_float),
     ConfigKey("out-dir", "runs/latest", "Where results.json and results.csv go (the CLI's --out sets it)."),
     # --- deletion requests and unlearning ---

@@ -48,7 +48,7 @@ class Federation:
 
 
 def build_federation(config: dict[str, Any], num_partitions: int | None = None) -> Federation:
-    data = load_dataset(config["dataset"], config["data-dir"], config["download"])
+    data = load_dataset(config["dataset"], config["data-dir"], config["download"], config["mnist1d-samples"])
     partitioning = partition_labels(
         data.train_labels,
         num_clients=num_partitions or config["num-clients"],

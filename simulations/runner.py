@@ -11,20 +11,37 @@ from fedunlearn.results import RunRecord
 
 
 def backend_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Flower's RayBackend passes ``init_args`` to ``ray.init`` as keyword arguments."""
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
+    if config["ray-address"]:
+        # Join a running cluster. Its head chose its own temp dir (`ray start --temp-dir`); a
+        # driver-side one would only split this run's logs from the cluster's session.
+        init_args["address"] = config["ray-address"]
+    else:
+        # "local", not None: with None, ray.init joins the cluster in $RAY_ADDRESS or the one a
+        # `ray start` recorded in the temp dir, if any; an empty ray-address promises a fresh local Ray.
+        init_args["address"] = "local"
+        init_args["_temp_dir"] = str(ray_temp_dir())
     return {
         "client_resources": {"num_cpus": config["client-num-cpus"], "num_gpus": config["client-num-gpus"]},
-        "init_args": {
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-            "include_dashboard": False,
-            "_temp_dir": str(ray_temp_dir()),
-        },
+        "init_args": init_args,
     }
+
+
+def check_before_start(config: dict[str, Any]) -> None:
+    """What would otherwise fail inside the simulation, after Ray has started: the model against the
+    data's input shape, and the device (the server evaluates on it too)."""
+    from fedunlearn.federation import build_federation
+    from fedunlearn.training import resolve_device
+
+    resolve_device(config["device"])
+    build_federation(config).new_model()
 
 
 def run_job(config: dict[str, Any], on_round=None, on_phase=None, verbose: bool = False) -> RunRecord:
     """Train (and, in later stages, unlearn and evaluate) as ``config`` says; returns the record."""
     prepare_environment()
+    check_before_start(config)
     from flwr.simulation import run_simulation
 
     quiet_logging(verbose)

@@ -66,12 +66,12 @@ class DenseFactorInverse:
         # d = 25088 in float32).
         damped = factor.clone()
         damped.diagonal().add_(damping)
-        info = torch.empty((), dtype=torch.int32)
+        info = torch.empty((), dtype=torch.int32, device=factor.device)
         torch.linalg.cholesky_ex(damped, out=(damped, info))
         self._chol, self._eig = damped, None
         if int(info) != 0:
             del damped
-            damped = factor + damping * torch.eye(self.dim, dtype=factor.dtype)
+            damped = factor + damping * torch.eye(self.dim, dtype=factor.dtype, device=factor.device)
             evals, evecs = torch.linalg.eigh((damped + damped.T) / 2)
             self._eig = (evals.clamp_min(damping), evecs)
             self._chol = None

@@ -164,8 +164,8 @@ class KFACInverse:
             self.inverses[layer] = (a_inverse, g_inverse)
             eps_a = a_inverse.diagnostics.get("truncation_error", 0.0)
             eps_g = g_inverse.diagnostics.get("truncation_error", 0.0)
-            eye_a = torch.eye(a.shape[0], dtype=a.dtype)
-            eye_g = torch.eye(g.shape[0], dtype=g.dtype)
+            eye_a = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+            eye_g = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
             a_fro = float(torch.linalg.matrix_norm(a + damping * eye_a))
             g_fro = float(torch.linalg.matrix_norm(g + damping * eye_g))
             layer_diagnostics[layer] = {

@@ -33,13 +33,16 @@ def covariance_matmat(activations: Tensor) -> MatMat:
 
 
 class NystromApproximation:
-    def __init__(self, factor: Tensor | MatMat, dim: int, rank: int, dtype=torch.float64, seed: int = 0):
+    def __init__(self, factor: Tensor | MatMat, dim: int, rank: int, dtype=torch.float64, seed: int = 0, device=None):
         if rank < 1:
             raise ValueError(f"Nystrom rank must be >= 1, got {rank}")
         rank = min(rank, dim)
         matmat = as_matmat(factor)
         generator = torch.Generator().manual_seed(seed)
-        omega = torch.randn(dim, rank, generator=generator, dtype=dtype)
+        if device is None:
+            device = factor.device if isinstance(factor, Tensor) else "cpu"
+        # The sketch is drawn on the CPU so a seed gives the same sketch on every device.
+        omega = torch.randn(dim, rank, generator=generator, dtype=dtype).to(device)
         omega, _ = torch.linalg.qr(omega)
         products = matmat(omega)
         # The shift must dominate the round-off of the products, so it uses their precision

@@ -25,6 +25,13 @@ class Trigger:
 
     def stamp(self, images: torch.Tensor) -> torch.Tensor:
         stamped = images.clone()
+        if images.ndim == 3:  # a batch of 1-D signals (mnist1d): the trigger is a run of samples at one end
+            length = images.shape[-1]
+            if not 1 <= self.size <= length:
+                raise ConfigError("trigger-size", self.size, f"1..{length} for signals of length {length}")
+            run = slice(length - self.size, length) if self.position.endswith("right") else slice(0, self.size)
+            stamped[..., run] = self.value
+            return stamped
         height, width = images.shape[-2:]
         if not 1 <= self.size <= min(height, width):
             raise ConfigError("trigger-size", self.size, f"1..{min(height, width)} for {height}x{width} images")

@@ -1,4 +1,5 @@
-"""Loaders: scikit-learn's digits (offline default) and torchvision's MNIST / Fashion-MNIST / CIFAR-10."""
+"""Loaders: scikit-learn's digits (offline default), torchvision's MNIST / Fashion-MNIST / CIFAR-10 and the
+generated MNIST-1D signals."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedunlearn.data import mnist1d
 from fedunlearn.errors import ConfigError
 
 DIGITS_SPLIT_SEED = 0  # fixed, not the run's seed: every run sees the same test set
@@ -25,7 +27,8 @@ class DataSplit:
     name: str
     train: TensorDataset
     test: TensorDataset
-    input_shape: tuple[int, int, int]
+    # (channels, height, width) for images, (channels, length) for 1-D signals.
+    input_shape: tuple[int, ...]
     num_classes: int
 
     @property
@@ -35,7 +38,7 @@ class DataSplit:
 
 def _standardize(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Per-channel statistics of the training split only, so the test set leaks nothing.
-    dims = (0, 2, 3)
+    dims = (0, *range(2, train_x.ndim))
     mean = train_x.mean(dim=dims, keepdim=True)
     std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-6)
     return (train_x - mean) / std, (test_x - mean) / std
@@ -165,20 +168,50 @@ def _load_torchvision(name: str, data_dir: Path, download: bool) -> DataSplit:
     return DataSplit(name, TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), shape, classes)
 
 
-DATASET_LOADERS: dict[str, Callable[[Path, bool], DataSplit]] = {
+def _load_mnist1d(data_dir: Path, download: bool, samples: int = mnist1d.MNIST1D_DEFAULT_SAMPLES) -> DataSplit:
+    """Generated, so data-dir and download do not apply; the generator's seed is fixed (every run
+    sees the same signals, as with digits) and its 80/20 split gives the held-out test set."""
+    arrays = mnist1d.load_mnist1d_arrays(samples)
+    train_x = torch.from_numpy(arrays["train_x"]).unsqueeze(1)
+    test_x = torch.from_numpy(arrays["test_x"]).unsqueeze(1)
+    # mnist1d centres with the statistics of all signals; an affine map of it standardised with the
+    # training split's statistics equals the raw signals standardised that way, so nothing leaks.
+    train_x, test_x = _standardize(train_x, test_x)
+    return DataSplit(
+        name="mnist1d",
+        train=TensorDataset(train_x, torch.from_numpy(arrays["train_y"])),
+        test=TensorDataset(test_x, torch.from_numpy(arrays["test_y"])),
+        input_shape=(1, mnist1d.SIGNAL_LENGTH),
+        num_classes=mnist1d.NUM_CLASSES,
+    )
+
+
+DATASET_LOADERS: dict[str, Callable[..., DataSplit]] = {
     "digits": _load_digits,
     "mnist": functools.partial(_load_torchvision, "mnist"),
     "fashion-mnist": functools.partial(_load_torchvision, "fashion-mnist"),
     "cifar10": functools.partial(_load_torchvision, "cifar10"),
+    "mnist1d": _load_mnist1d,
 }
+# Data sets made by a generator: they take a sample count, the others ignore it.
+GENERATED_DATASETS = ("mnist1d",)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_load(name: str, data_dir: str, download: bool) -> DataSplit:
-    return DATASET_LOADERS[name](Path(data_dir), download)
+def _cached_load(name: str, data_dir: str, download: bool, samples: int | None) -> DataSplit:
+    if samples is None:
+        return DATASET_LOADERS[name](Path(data_dir), download)
+    return DATASET_LOADERS[name](Path(data_dir), download, samples)
 
 
-def load_dataset(name: str = "digits", data_dir: str | Path = "data", download: bool = False) -> DataSplit:
+def load_dataset(
+    name: str = "digits", data_dir: str | Path = "data", download: bool = False, samples: int | None = None
+) -> DataSplit:
+    """``samples``: how many examples a generated data set makes (train + test; None: its default)."""
     if name not in DATASET_LOADERS:
         raise ConfigError("dataset", name, sorted(DATASET_LOADERS))
-    return _cached_load(name, str(Path(data_dir).expanduser().resolve()), bool(download))
+    if name not in GENERATED_DATASETS:
+        samples = None  # so a sample count never splits the cache of a data set it does not apply to
+    elif samples is None:
+        samples = mnist1d.MNIST1D_DEFAULT_SAMPLES
+    return _cached_load(name, str(Path(data_dir).expanduser().resolve()), bool(download), samples)

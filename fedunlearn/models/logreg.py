@@ -15,14 +15,14 @@ DEFAULT_L2 = 1e-3
 
 
 class LogisticRegression(nn.Module):
-    """Linear map from flattened pixels to class logits.
+    """Linear map from the flattened input (pixels or signal samples) to class logits.
 
     ``l2`` is the coefficient λ of the penalty (λ/2)‖W‖² (bias unpenalized) that the
     training objective adds; it lives on the model so every trainer and every curvature
     computation sees the same objective.
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, l2: float = DEFAULT_L2):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, l2: float = DEFAULT_L2):
         super().__init__()
         self.input_features = math.prod(input_shape)
         self.linear = nn.Linear(self.input_features, num_classes)

@@ -82,7 +82,8 @@ class TensorUnlearn:
         certificate_info: dict[str, Any] = {"noise_sigma": sigma, "delta": float(config["delta"])}
         if sigma > 0:
             generator = torch.Generator().manual_seed(derive_seed(config["seed"], "noise", config.get("partition-id", 0)))
-            update.delta = [d + sigma * torch.randn(d.shape, generator=generator, dtype=d.dtype) for d in update.delta]
+            # Drawn on the CPU so a seed gives the same noise on every device.
+            update.delta = [d + sigma * torch.randn(d.shape, generator=generator, dtype=d.dtype).to(d.device) for d in update.delta]
             strong_convexity = float(config["damping"]) + regularizer_curvature(model)
             gamma = kfac_inverse_gap(update.diagnostics, strong_convexity)
             if gamma is None:
