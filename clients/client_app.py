@@ -49,10 +49,10 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
     def identify(message: Message, context: Context) -> Message:
         """Tell the server which partition this node holds (it routes deletions by it)."""
         federation, partition_id = _federation_for(context, bound_config)
-        histogram = federation.partitioning.label_histograms(federation.data.train_labels, federation.data.num_classes)
+        histogram = federation.partitioning.label_histogram(partition_id, federation.data.train_labels, federation.data.num_classes)
         record = _client_identity(partition_id)
         record["num-examples"] = len(federation.partitioning.rows_of(partition_id))
-        record["label-histogram"] = histogram[partition_id]
+        record["label-histogram"] = histogram
         return Message(content=RecordDict({"client": record}), reply_to=message)
 
     @app.train()

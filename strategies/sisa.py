@@ -109,7 +109,7 @@ def unlearn_shards(grid: Grid, clients: dict[int, ClientInfo], training: SisaTra
     plan = training.plan
     trainer = ShardTrainer(grid, clients, config, message_log)
     constituents: list[State | None] = list(training.constituents)
-    redone_trainings, retrained = 0, {}
+    redone_trainings, rounds_run, retrained = 0, 0, {}
     for shard in range(plan.num_shards):
         first = plan.first_stage_to_redo(shard, deleted)
         if first is None:
@@ -125,6 +125,7 @@ def unlearn_shards(grid: Grid, clients: dict[int, ClientInfo], training: SisaTra
                 seed=derive_seed(config["seed"], "sisa", shard, stage), phase="unlearning: sisa",
             )
             redone_trainings += trainings
+            rounds_run += plan.stage_rounds[shard][stage]
             redone_stages.append(stage)
         # A shard with no client left has nothing to predict from: it leaves the ensemble.
         constituents[shard] = state if plan.stage_clients(shard, len(plan.stage_rounds[shard]) - 1, deleted) else None
@@ -143,7 +144,7 @@ def unlearn_shards(grid: Grid, clients: dict[int, ClientInfo], training: SisaTra
         predictor=ensemble_of(kept, new_model),
         seconds=seconds,
         affected_clients=sorted(forget),
-        communication_rounds=sum(plan.stage_rounds[int(s)][stage] for s, v in retrained.items() for stage in v["redone_stages"]),
+        communication_rounds=rounds_run,
         details={
             "retrained_fraction": fraction,
             "redone_client_trainings": redone_trainings,

@@ -50,8 +50,11 @@ class Partitioning:
                 return client, int(hits[0])
         raise ConfigError("global-index", global_index, "a row held by some client")
 
+    def label_histogram(self, client: int, labels: np.ndarray, num_classes: int) -> list[int]:
+        return np.bincount(labels[self.client_indices[client]], minlength=num_classes).astype(int).tolist()
+
     def label_histograms(self, labels: np.ndarray, num_classes: int) -> list[list[int]]:
-        return [np.bincount(labels[rows], minlength=num_classes).astype(int).tolist() for rows in self.client_indices]
+        return [self.label_histogram(client, labels, num_classes) for client in range(len(self.client_indices))]
 
 
 def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:

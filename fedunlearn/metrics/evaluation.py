@@ -95,22 +95,11 @@ class UnlearningEvaluator:
 
     def compare(self, model: nn.Module) -> dict[str, float]:
         """Accuracies (fractions), divergences to the retrained model and CF; NaN where undefined."""
-        test_logits, _ = self._outputs(model, self.test_set)
-        test_accuracy = accuracy(test_logits, self.test_labels)
-        return {
-            "test_accuracy": test_accuracy,
-            "forget_accuracy": accuracy(*self._outputs(model, self.forget_set)),
-            "retain_accuracy": accuracy(*self._outputs(model, self.retain_set)),
-            "kl_to_retrain": kl_divergence(self.retrain_test_logits, test_logits),
-            "logit_mse_to_retrain": logit_mse(test_logits, self.retrain_test_logits),
-            "agreement_with_retrain": prediction_agreement(test_logits, self.retrain_test_logits),
-            # An ensemble (SISA) has no one weight vector to set beside the retrained model's.
-            "param_gap": parameter_gap(model, self.retrained)
-            if getattr(model, "has_single_parameter_vector", True) else float("nan"),
-            "cf": causal_faithfulness(
-                self.original_test_accuracy, test_accuracy, self.retrain_test_accuracy, self.cf_min_denominator
-            ),
-        }
+        return _retrain_comparison(
+            model, self.retrained, self.retrain_test_logits, self.test_labels,
+            self.original_test_accuracy, self.retrain_test_accuracy,
+            self.test_set, self.forget_set, self.retain_set, self.device, self.batch_size, self.cf_min_denominator,
+        )
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """All :data:`METRIC_KEYS`, JSON-ready: undefined values (CF, shadow AUC without shadows) are None."""
@@ -133,18 +122,31 @@ def compare_to_retrain(
     """:data:`RETRAIN_KEYS` for one model, given the two reference accuracies (fractions); NaN CF if unstable."""
     for name, dataset in (("test_set", test_set), ("forget_set", forget_set), ("retain_set", retain_set)):
         _require_examples(dataset, name)
-    test_logits, test_labels = model_outputs(model, test_set, device, batch_size)
-    retrain_logits, _ = model_outputs(retrained, test_set, device, batch_size)
+    retrain_logits, test_labels = model_outputs(retrained, test_set, device, batch_size)
+    return _retrain_comparison(
+        model, retrained, retrain_logits, test_labels, original_test_accuracy, retrain_test_accuracy,
+        test_set, forget_set, retain_set, device, batch_size, CF_MIN_DENOMINATOR,
+    )
+
+
+def _retrain_comparison(
+    model, retrained, retrain_test_logits, test_labels, original_test_accuracy, retrain_test_accuracy,
+    test_set, forget_set, retain_set, device, batch_size, cf_min_denominator,
+) -> dict[str, float]:
+    """:data:`RETRAIN_KEYS` of ``model``, given the retrained model's test logits (computed once per run)."""
+    test_logits, _ = model_outputs(model, test_set, device, batch_size)
     test_accuracy = accuracy(test_logits, test_labels)
     return {
         "test_accuracy": test_accuracy,
         "forget_accuracy": accuracy(*model_outputs(model, forget_set, device, batch_size)),
         "retain_accuracy": accuracy(*model_outputs(model, retain_set, device, batch_size)),
-        "kl_to_retrain": kl_divergence(retrain_logits, test_logits),
-        "logit_mse_to_retrain": logit_mse(test_logits, retrain_logits),
-        "agreement_with_retrain": prediction_agreement(test_logits, retrain_logits),
-        "param_gap": parameter_gap(model, retrained),
-        "cf": causal_faithfulness(original_test_accuracy, test_accuracy, retrain_test_accuracy),
+        "kl_to_retrain": kl_divergence(retrain_test_logits, test_logits),
+        "logit_mse_to_retrain": logit_mse(test_logits, retrain_test_logits),
+        "agreement_with_retrain": prediction_agreement(test_logits, retrain_test_logits),
+        # An ensemble (SISA) has no one weight vector to set beside the retrained model's.
+        "param_gap": parameter_gap(model, retrained)
+        if getattr(model, "has_single_parameter_vector", True) else float("nan"),
+        "cf": causal_faithfulness(original_test_accuracy, test_accuracy, retrain_test_accuracy, cf_min_denominator),
     }
 
 
