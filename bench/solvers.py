@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedunlearn.curvature import CGInverse, flatten, ggn_vp, hvp, unflatten
+from fedunlearn.curvature import CGInverse, SolverSettings, flatten, ggn_vp, hvp, unflatten
 from fedunlearn.curvature.factor_solvers import (
     DenseFactorInverse,
     MPOFactorInverse,
@@ -184,11 +184,13 @@ def bench_cg(split):
     forget_gradient = loss_gradient(model, None, [forget])
     b = flatten(forget_gradient)
     exact = torch.linalg.solve(hessian + damping * torch.eye(hessian.shape[0], dtype=torch.float64), b)
+    # The GGN with the stop policy, as this case has always measured (not the run defaults).
+    settings = SolverSettings.defaults().replace(damping=damping, curvature="ggn", negative_curvature="stop", cg_tol=1e-10)
     for cg_iters in (10, 50, 500):
-        inverse = CGInverse(model, batches, damping, curvature="ggn", cg_iters=cg_iters, cg_tol=1e-10)
+        inverse = CGInverse.from_local(model, batches, settings.replace(cg_iters=cg_iters))
         with PeakMemory() as memory:
             start = time.perf_counter()
-            solution = flatten(inverse.apply(forget_gradient))
+            solution = flatten(inverse @ forget_gradient)
             seconds = time.perf_counter() - start
         emit(
             case="cg-vs-exact",
@@ -216,7 +218,7 @@ def run_factor_methods(case, factor, rhs, damping, mpo_ranks, nystrom_ranks, ext
             start = time.perf_counter()
             dense = DenseFactorInverse(factor, damping)
             build = time.perf_counter() - start
-            reference = dense.solve(rhs)
+            reference = dense @ rhs
             total = time.perf_counter() - start
         emit(case=case, method="dense", dim=dim, rank=None, seconds=total, build_seconds=build, solve_seconds=total - build,
              peak_bytes=memory.bytes, rel_error=0.0, factor_bytes=dense.diagnostics["bytes"], **extra)
@@ -225,7 +227,7 @@ def run_factor_methods(case, factor, rhs, damping, mpo_ranks, nystrom_ranks, ext
     for rank in mpo_ranks:
         with PeakMemory() as memory:
             start = time.perf_counter()
-            inverse = MPOFactorInverse(factor, damping, rank=rank, prop2_fallback="dense")
+            inverse = MPOFactorInverse(factor, damping, rank=rank, prop2_fallback="dense", seed=0)
             build = time.perf_counter() - start
             # The MPO's own ALS solve, even where Proposition 2 failed, to show what the fallback avoids.
             padded = torch.zeros(inverse.mpo.dim, rhs.shape[1], dtype=torch.float64)
@@ -244,7 +246,7 @@ def run_factor_methods(case, factor, rhs, damping, mpo_ranks, nystrom_ranks, ext
             prop2_holds=prop2["holds"], prop2_relative_spectral_error=prop2["relative_spectral_error"],
             prop2_one_over_kappa=prop2["one_over_kappa"], mpo_min_eigenvalue=prop2["mpo_min_eigenvalue"],
             mpo_indefinite=prop2["mpo_indefinite"], fallback=inverse.diagnostics.get("fallback"),
-            rel_error_after_fallback=rel_error(inverse.solve(rhs), reference),
+            rel_error_after_fallback=rel_error(inverse @ rhs, reference),
             als_sweeps=info.sweeps, als_residual=info.best_residual, **extra,
         )
         del inverse
@@ -257,9 +259,9 @@ def run_factor_methods(case, factor, rhs, damping, mpo_ranks, nystrom_ranks, ext
         source = covariance_matmat(activations) if activations is not None else factor
         with PeakMemory() as memory:
             start = time.perf_counter()
-            inverse = NystromFactorInverse(source, damping, rank=rank, dim=dim, dtype=torch.float64)
+            inverse = NystromFactorInverse(source, damping, rank=rank, seed=0, dim=dim, dtype=torch.float64)
             build = time.perf_counter() - start
-            solution = inverse.solve(rhs)
+            solution = inverse @ rhs
             total = time.perf_counter() - start
         factor_error = None
         if activations is None:
@@ -364,14 +366,14 @@ def bench_wide(dim_channels=512):
         formed = time.perf_counter() - start
         dense = DenseFactorInverse(covariance, damping)
         build = time.perf_counter() - start
-        reference = dense.solve(rhs)
+        reference = dense @ rhs
         total = time.perf_counter() - start
     emit(case="factor-wide-25088", method="dense", dim=dim, seconds=total, build_seconds=build, solve_seconds=total - build,
          form_seconds=formed, peak_bytes=memory.bytes, rel_error=0.0, factor_bytes=dim * dim * 4, **extra)
     del dense
     with PeakMemory() as memory:
         start = time.perf_counter()
-        inverse = MPOFactorInverse(covariance, damping, rank=WIDE_MPO_RANK, als_rank=WIDE_ALS_RANK, prop2_fallback="dense")
+        inverse = MPOFactorInverse(covariance, damping, rank=WIDE_MPO_RANK, prop2_fallback="dense", seed=0, als_rank=WIDE_ALS_RANK)
         build = time.perf_counter() - start
         del covariance  # the solve needs only the cores
         solution, info = als_solve(inverse.mpo, rhs.double(), inverse.als_rank, sweeps=2)
@@ -387,9 +389,9 @@ def bench_wide(dim_channels=512):
     for rank in (64, 256):
         with PeakMemory() as memory:
             start = time.perf_counter()
-            nystrom = NystromFactorInverse(covariance_matmat(activations), damping, rank=rank, dim=dim, dtype=torch.float64)
+            nystrom = NystromFactorInverse(covariance_matmat(activations), damping, rank=rank, seed=0, dim=dim, dtype=torch.float64)
             build = time.perf_counter() - start
-            solution = nystrom.solve(rhs)
+            solution = nystrom @ rhs
             total = time.perf_counter() - start
         emit(case="factor-wide-25088", method="nystrom", dim=dim, rank=rank, seconds=total, build_seconds=build,
              solve_seconds=total - build, peak_bytes=memory.bytes, rel_error=rel_error(solution, reference),

@@ -8,6 +8,7 @@ the resolved config when it builds the app (:func:`build_client_app`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import replace
@@ -20,10 +21,9 @@ from flwr.clientapp import ClientApp
 
 from fedunlearn import config as run_config
 from fedunlearn.federation import Federation, build_federation
-from fedunlearn.training import derive_seed, evaluate, resolve_device, train_local
-from fedunlearn.unlearning import get_method
-from fedunlearn.unlearning.fisher import diagonal_fisher
-from fedunlearn.unlearning.objective import batches_of, objective_curvature_product, objective_gradient
+from fedunlearn.training import derive_seed, loss_and_accuracy, resolve_device, train_local
+from fedunlearn.unlearning import ClientContext, client_queries, create_method
+from fedunlearn.unlearning.objective import batches_of
 
 
 def _federation_for(context: Context, bound_config: dict[str, Any] | None) -> tuple[Federation, int]:
@@ -93,7 +93,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         local_data = federation.client_data(partition_id)
-        scores = evaluate(model, local_data, resolve_device(federation.config["device"]))
+        scores = loss_and_accuracy(model, local_data, resolve_device(federation.config["device"]))
         content = RecordDict(
             {
                 "metrics": MetricRecord(
@@ -109,7 +109,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         """Run the requested method on this client's own data (all of it: client-grain deletion)."""
         federation, partition_id = _federation_for(context, bound_config)
         request = message.content["config"]
-        method = get_method(str(request["method"]))
+        method = create_method(str(request["method"]), federation.config)
         device = resolve_device(federation.config["device"])
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
@@ -117,12 +117,15 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         forget_data = federation.client_data(partition_id)
         forget_batches = _on_device(batches_of(forget_data, federation.config["curvature-batch-size"]), device)
         start = time.perf_counter()
-        method_config = dict(
-            federation.config,
-            **{"num-total-examples": int(request["num-total-examples"]), "partition-id": partition_id},
+        client_context = ClientContext(
+            partition_id=partition_id,
+            num_examples=len(forget_data),
+            total_examples=int(request["num-total-examples"]),
+            influence_weight=len(forget_data) * float(request["influence-weight-per-example"]),
+            seed=int(federation.config["seed"]),
+            device=device,
         )
-        influence_weight = len(forget_data) * float(request["influence-weight-per-example"])
-        update = method.solve(model, forget_batches, influence_weight, method_config)
+        update = method.solve(model, forget_batches, client_context)
         seconds = time.perf_counter() - start
         identity = _client_identity(partition_id)
         identity["diagnostics"] = json.dumps(update.diagnostics, default=_jsonable)
@@ -143,16 +146,22 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         )
         return Message(content=content, reply_to=message)
 
-    def _products(message: Message, context: Context, compute) -> Message:
+    def answer_query(compute, message: Message, context: Context) -> Message:
+        """``query.<kind>``: the registered query function on this client's data at the model sent."""
         federation, partition_id = _federation_for(context, bound_config)
         device = resolve_device(federation.config["device"])
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         model.to(device)
-        names = [str(name) for name in message.content["config"]["param-names"]]
+        message_config = message.content["config"]
+        names = [str(name) for name in message_config["param-names"]]
+        vector = None
+        if "vector" in message.content:
+            vector_record = message.content["vector"].to_torch_state_dict()
+            vector = [vector_record[name].to(device) for name in names]
         local_data = federation.client_data(partition_id)
         batches = _on_device(batches_of(local_data, federation.config["curvature-batch-size"]), device)
-        result = compute(model, names, batches)
+        result = compute(model, names, batches, message_config, vector)
         content = RecordDict(
             {
                 "result": ArrayRecord({name: r.detach().cpu().contiguous() for name, r in zip(names, result)}),
@@ -162,27 +171,9 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         )
         return Message(content=content, reply_to=message)
 
-    @app.query("gradient")
-    def local_gradient(message: Message, context: Context) -> Message:
-        """∇L_j(θ*) of this client's objective (hf-kcu-global's right-hand side)."""
-        return _products(message, context, objective_gradient)
-
-    @app.query("curvature")
-    def local_curvature_product(message: Message, context: Context) -> Message:
-        """H_j v or G_j v of this client's objective (one CG iteration of hf-kcu-global)."""
-        vector_record = message.content["vector"].to_torch_state_dict()
-        curvature = str(message.content["config"]["curvature"])
-
-        def product(model, names, batches):
-            vector = [vector_record[name].to(next(model.parameters()).device) for name in names]
-            return objective_curvature_product(model, names, batches, vector, curvature)
-
-        return _products(message, context, product)
-
-    @app.query("fisher")
-    def local_diagonal_fisher(message: Message, context: Context) -> Message:
-        """This client's diagonal Fisher at θ* (Fisher forgetting's noise scale)."""
-        return _products(message, context, diagonal_fisher)
+    # Every query a method registered (gradient, curvature, fisher, ...): one handler each.
+    for kind, compute in client_queries().items():
+        app.query(kind)(functools.partial(answer_query, compute))
 
     return app
 

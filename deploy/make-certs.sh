@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Operator: a self-signed CA and the SuperLink's TLS certificate (the commands of
-# simulations/deploy_local.py:make_certificates). Give every name or IP that SuperNodes and the
+# simulations/credentials.py:make_certificates). Give every name or IP that SuperNodes and the
 # flwr CLI dial; 127.0.0.1 and localhost are always added (the SuperLink's own SuperExec dials them).
 #   deploy/make-certs.sh DIR HOST [HOST...]     e.g. deploy/make-certs.sh ~/fl-certs superlink.example.org 10.0.0.5
 # Give DIR/ca.crt to every SuperNode and flwr user; DIR/ca.key and DIR/server.key stay on their hosts.

@@ -59,7 +59,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
     # Load data and partitions here first: a missing file or an impossible partition is bad
     # input, reported in one line before Ray starts or anything is written.
-    federation = build_federation(config)
+    build_federation(config)
     from fedunlearn.ledger import requests_from_config, requests_from_file
 
     requests = requests_from_config(config["forget-clients"])
@@ -70,7 +70,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
     with progress_over_rounds(config["num-rounds"]) as progress:
         record = run_job(config, on_round=progress.on_round, on_phase=progress.on_phase, verbose=args.verbose)
-    print_summary(record, federation)
+    print_summary(record)
     return 0
 
 

@@ -60,21 +60,24 @@ closed_unit_interval = _range("a number in [0, 1]", lambda v: 0 <= v <= 1)
 momentum_range = _range("a number in [0, 1)", lambda v: 0 <= v < 1)
 
 def _method_list(value: Any) -> str | None:
-    from fedunlearn.unlearning import METHODS
+    from fedunlearn.unlearning.registry import method_classes
 
-    description = "a comma list of " + ", ".join(sorted(METHODS))
+    methods = method_classes()
+    description = "a comma list of " + ", ".join(methods)
     if value is _OUT_OF_RANGE_PROBE:
         return description
     names = [part.strip() for part in str(value).split(",") if part.strip()]
-    return None if all(name in METHODS for name in names) else description
+    return None if all(name in methods for name in names) else description
 
 
-_open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
+open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mnist1d")
 MODELS = ("logreg", "simple-cnn", "resnet18", "vit-lite", "cnn1d")
 
-KEYS: tuple[ConfigKey, ...] = (
+# The keys of the run itself; each unlearning method declares its own keys in its module
+# (``config_keys``), and :func:`keys` appends them, so adding a method never edits this file.
+CORE_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("dataset", "digits", "Data set; digits ships with scikit-learn, mnist1d is generated offline, the others load from data-dir.", DATASETS),
     ConfigKey("data-dir", "data", "Folder holding torchvision data sets (relative to the working directory)."),
     ConfigKey("download", False, "Download mnist / fashion-mnist / cifar10 into data-dir when missing."),
@@ -110,7 +113,6 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("cg-iters", 20, "CG iteration cap (hf-kcu-global: one communication round each).", check=positive_int),
     ConfigKey("cg-tol", 1e-6, "CG stops when the residual norm is below cg-tol times the right-hand side's.", check=positive_float),
     ConfigKey("curvature-batch-size", 256, "Batch size of the curvature and gradient passes.", check=positive_int),
-    ConfigKey("scaling-constant", 1.0, "HF-KCU's adaptive scaling (eq. 21, reconstructed): a client update longer than this (L2 norm) is shortened to it; 0 disables.", check=non_negative_float),
     ConfigKey("factor-solver", "dense", "How kfac inverts each Kronecker factor.", ("dense", "mpo", "nystrom", "auto")),
     ConfigKey("kfac-rank", 16, "MPO bond dimension r for factors wider than mpo-threshold.", check=positive_int),
     ConfigKey("nystrom-rank", 128, "Rank of the Nyström approximation of a factor.", check=positive_int),
@@ -118,16 +120,6 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("factor-memory-budget", 268435456, "Bytes one dense factor may take before factor-solver=auto compresses it.", check=positive_int),
     ConfigKey("prop2-fallback", "dense", "When the poster's Proposition 2 condition fails for an MPO factor: solve dense, or fail.", ("dense", "raise")),
     ConfigKey("kfac-uncovered", "identity", "Parameters outside Linear/Conv2d layers under kfac: damped identity (g/λ) or no update.", ("identity", "zero")),
-    ConfigKey("noise-sigma", 0.0, "Gaussian noise σ added to each kfac update (TensorUnlearn); > 0 gives a certified ε.", check=non_negative_float),
-    ConfigKey("delta", 1e-5, "δ of the (ε, δ) certificate.", check=_open_unit_interval),
-    ConfigKey("ga-epochs", 10, "naive-ga: epochs of gradient ascent on the deleted client's data (the HF-KCU paper's 10).", check=positive_int),
-    ConfigKey("ga-lr", 0.01, "naive-ga: ascent learning rate (plain SGD).", check=positive_float),
-    ConfigKey("ga-stop-forget-accuracy", 0.0, "naive-ga: stop once the client's accuracy on its data is at most this; 0 = never (the paper's setting).", check=closed_unit_interval),
-    ConfigKey("fisher-alpha", 1e-6, "fisher: α scaling the inverse-Fisher noise variance (Golatkar et al.'s default).", check=positive_float),
-    ConfigKey("federaser-interval", 2, "federaser: store every client's update every this many rounds (Δt).", check=positive_int),
-    ConfigKey("federaser-calibration-ratio", 0.5, "federaser: calibration epochs as a share of local-epochs (the paper's 0.5).", check=unit_interval),
-    ConfigKey("sisa-shards", 2, "sisa: shards S; each trains its own FedAvg constituent on its clients only.", check=positive_int),
-    ConfigKey("sisa-slices", 2, "sisa: slices R per shard; clients enter in R stages, a checkpoint after each (at most the shard's clients and the rounds).", check=positive_int),
     ConfigKey("backdoor-client", -1, "Partition id of a malicious client that plants a backdoor (-1: none).", check=_range("an integer >= -1", lambda v: v >= -1)),
     ConfigKey("poison-fraction", 0.5, "Share of the malicious client's images that carry the trigger.", check=unit_interval),
     ConfigKey("target-class", 0, "Class the triggered images are relabelled to.", check=non_negative_int),
@@ -138,11 +130,29 @@ KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("retrain-cache", True, "Reuse a retrained oracle model with the same configuration from the project cache."),
 )
 
-KEYS_BY_NAME: dict[str, ConfigKey] = {key.name: key for key in KEYS}
+_all_keys: tuple[ConfigKey, ...] | None = None
+
+
+def keys() -> tuple[ConfigKey, ...]:
+    """Every run-config key: the core keys, then each method's own (in method-name order)."""
+    global _all_keys
+    if _all_keys is None:
+        from fedunlearn.unlearning.registry import method_config_keys
+
+        method_keys = tuple(method_config_keys())
+        clashes = {key.name for key in method_keys} & {key.name for key in CORE_KEYS}
+        if clashes:
+            raise ValueError(f"unlearning methods redefine core run-config keys: {sorted(clashes)}")
+        _all_keys = CORE_KEYS + method_keys
+    return _all_keys
+
+
+def keys_by_name() -> dict[str, ConfigKey]:
+    return {key.name: key for key in keys()}
 
 
 def defaults() -> dict[str, ConfigValue]:
-    return {key.name: key.default for key in KEYS}
+    return {key.name: key.default for key in keys()}
 
 
 def coerce_value(key: ConfigKey, value: Any) -> ConfigValue:
@@ -181,11 +191,12 @@ def _parse_scalar(text: str) -> Any:
 def resolve(*layers: Mapping[str, Any]) -> dict[str, ConfigValue]:
     """Defaults, then each layer on top (preset, then overrides); every key checked."""
     config = defaults()
+    by_name = keys_by_name()
     for layer in layers:
         for name, value in layer.items():
-            key = KEYS_BY_NAME.get(name)
+            key = by_name.get(name)
             if key is None:
-                raise ConfigError(name, value, sorted(KEYS_BY_NAME), reason="unknown key")
+                raise ConfigError(name, value, sorted(by_name), reason="unknown key")
             config[name] = coerce_value(key, value)
     _check_consistency(config)
     return config
@@ -195,8 +206,10 @@ def _check_consistency(config: dict[str, ConfigValue]) -> None:
     """Checks that involve two keys."""
     if config["backdoor-client"] >= config["num-clients"]:
         raise ConfigError("backdoor-client", config["backdoor-client"], f"-1 or 0..{config['num-clients'] - 1}")
-    if config["sisa-shards"] > config["num-clients"] and "sisa" in [name.strip() for name in str(config["unlearn-methods"]).split(",")]:
-        raise ConfigError("sisa-shards", config["sisa-shards"], f"1..{config['num-clients']} (num-clients)")
+    from fedunlearn.unlearning.registry import method_class, parse_methods
+
+    for name in parse_methods(str(config["unlearn-methods"])):
+        method_class(name).check_config(config)
     if config["unlearn-after-round"] > config["num-rounds"]:
         raise ConfigError(
             "unlearn-after-round", config["unlearn-after-round"], f"0 (after the last round) or 1..{config['num-rounds']} (num-rounds)"
@@ -268,13 +281,13 @@ def toml_value(value: ConfigValue) -> str:
 
 def pyproject_config_block() -> str:
     lines = ["[tool.flwr.app.config]"]
-    lines += [f"{key.name} = {toml_value(key.default)}" for key in KEYS]
+    lines += [f"{key.name} = {toml_value(key.default)}" for key in keys()]
     return "\n".join(lines) + "\n"
 
 
 def markdown_table() -> str:
     rows = ["| key | default | valid values | meaning |", "|---|---|---|---|"]
-    for key in KEYS:
+    for key in keys():
         rows.append(f"| `{key.name}` | `{toml_value(key.default)}` | {key.valid_description()} | {key.help} |")
     return "\n".join(rows) + "\n"
 

@@ -39,3 +39,8 @@ class ConfigError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run could not go on (nodes missing, a phase failed); the CLI prints it in one line, exit 1."""
+
+
+class UnlearningFailed(RunFailed):
+    """A method could not unlearn (a client failed or timed out, a requirement was not met): the
+    request fails for that method, is logged so in the ledger, and θ* stays as it was."""

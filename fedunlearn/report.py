@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,7 +11,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedunlearn.federation import Federation
 from fedunlearn.results import RunRecord
 
 console = Console()
@@ -68,12 +68,13 @@ SUMMARY_CAPTION = (
 
 def _cell(values: dict[str, Any], key: str, template: str) -> str:
     value = values.get(key)
-    if value is None:
+    # Undefined (null in results.json): None, or NaN before json_ready (a speedup over 0 s).
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return template.format(value) if isinstance(value, (int, float)) else str(value)
 
 
-def print_summary(record: RunRecord, federation: Federation) -> None:
+def print_summary(record: RunRecord) -> None:
     config = record.config
     table = Table(
         title=f"fedunlearn: {config['model']} on {config['dataset']}, {config['num-clients']} clients",

@@ -1,6 +1,6 @@
 """What a run writes: ``results.json`` (everything) and ``results.csv`` / ``rounds.csv`` (tables).
 
-Files are written to a temporary name and renamed, so a crash never leaves half a results file
+Files are written atomically (:mod:`fedunlearn.files`), so a crash never leaves half a results file
 and never destroys the previous one.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -18,15 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-def json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(item) for item in value]
-    return value
-
+from fedunlearn.files import atomic_write_text, json_ready
 
 ROUND_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "local_accuracy", "seconds")
 
@@ -39,16 +29,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
 
 
 def _csv_text(columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> str:

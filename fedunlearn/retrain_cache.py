@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fedunlearn.files import atomic_torch_save, atomic_write_text
+
 # Keys that change the retrained model; out-dir, methods, solver settings and the like do not.
 TRAINING_KEYS = (
     "dataset", "data-dir", "mnist1d-samples", "model", "num-clients", "partition", "dirichlet-alpha", "min-partition-size",
@@ -54,8 +56,6 @@ def store(key: str, state: dict[str, torch.Tensor], info: dict[str, Any]) -> Non
     paths = _paths(key)
     if paths is None:
         return
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    temporary = paths[0].with_name(f".{paths[0].name}.{os.getpid()}")
-    torch.save(state, temporary)
-    temporary.replace(paths[0])
-    paths[1].write_text(json.dumps(info, indent=2))
+    # The model first: load() needs both files, so a crash between the two leaves no half entry.
+    atomic_torch_save(state, paths[0])
+    atomic_write_text(paths[1], json.dumps(info, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,15 +77,58 @@ def train_local(
     return last_epoch_loss
 
 
+# A model, or any function from a batch of inputs to its logits (N x C) or predicted classes (N).
+Predict = Callable[[torch.Tensor], torch.Tensor]
+# A data set, or already a sequence of (inputs, targets) batches.
+Examples = Dataset | Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 512) -> dict[str, float]:
-    """Mean cross-entropy (without regulariser) and accuracy."""
+def batch_outputs(
+    predict: Predict, data: Examples, device: torch.device | str | None = None, batch_size: int = 512
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(predict(inputs), targets)`` for every batch of ``data``, in its own order, without gradients.
+
+    ``data`` is a data set (cut into batches of ``batch_size`` by a DataLoader, which draws one
+    number from torch's global generator per pass) or already a sequence of ``(inputs, targets)``
+    batches (no draw). Inputs and targets go to ``device`` (None: they stay where they
+    are). ``predict`` is a model (logits) or any function of a batch, e.g. an ensemble's vote; the
+    caller puts the model on the device and in the mode it wants. This is the one evaluation loop:
+    :func:`loss_and_accuracy`, :func:`streamed_accuracy` and ``metrics.model_outputs`` reduce it.
+    """
+    batches = DataLoader(data, batch_size=batch_size, shuffle=False) if isinstance(data, Dataset) else data
+    for inputs, targets in batches:
+        if device is not None:
+            inputs, targets = inputs.to(device), targets.to(device)
+        yield predict(inputs), targets
+
+
+@torch.no_grad()
+def loss_and_accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 512) -> dict[str, float]:
+    """Mean cross-entropy (without regulariser) and accuracy; leaves the model in eval mode."""
     model.to(device).eval()
     total_loss, correct, count = 0.0, 0, 0
-    for inputs, targets in DataLoader(data, batch_size=batch_size):
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
+    for logits, targets in batch_outputs(model, data, device, batch_size):
         total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(dim=1) == targets).sum().item()
         count += len(targets)
     return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def streamed_accuracy(
+    predict: Predict, data: Examples, device: torch.device | str | None = None, batch_size: int = 512,
+    target_class: int | None = None,
+) -> float:
+    """Fraction (0..1; 0 for no examples) of examples whose predicted class is their label, or
+    ``target_class`` when given (a backdoor's success rate), over :func:`batch_outputs`.
+
+    ``predict`` returns logits (N x C: the arg-max is the prediction) or predicted classes (N).
+    It does not touch the model's mode or device: set them first (``model.eval()``).
+    """
+    hits, total = 0, 0
+    for outputs, targets in batch_outputs(predict, data, device, batch_size):
+        predictions = outputs.argmax(dim=1) if outputs.ndim == 2 else outputs
+        hits += int((predictions == (targets if target_class is None else target_class)).sum())
+        total += len(targets)
+    return hits / max(total, 1)

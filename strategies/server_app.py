@@ -19,31 +19,23 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn import config as run_config
 from fedunlearn import retrain_cache
-from fedunlearn.evaluation import evaluate_models
+from fedunlearn.errors import UnlearningFailed
 from fedunlearn.federation import build_federation
+from fedunlearn.files import atomic_torch_save
 from fedunlearn.ledger import Ledger, requests_from_config, requests_from_file, screen_requests
+from fedunlearn.metrics.timing import speedup
 from fedunlearn.results import RunRecord
-from fedunlearn.training import derive_seed, evaluate, resolve_device
-from fedunlearn.unlearning import get_method, parse_methods
-from fedunlearn.unlearning.sisa import ensemble_of
-from strategies.fedavg import UnlearningFedAvg, UnlearningFailed
-from strategies.sisa import SisaTraining, train_constituents
-from strategies.unlearning import UnlearningOutcome, apply_method
+from fedunlearn.run_evaluation import evaluate_models
+from fedunlearn.training import derive_seed, loss_and_accuracy, resolve_device
+from fedunlearn.unlearning import Deletion, Outcome, create_method, parse_methods
+from strategies.port import GridPort
+from strategies.roster import MessageLog, Roster
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 PhaseCallback = Callable[[str], None]
 
-
-def _new_strategy(config: dict[str, Any], excluded: tuple[int, ...] = (), store_every: int = 0) -> UnlearningFedAvg:
-    return UnlearningFedAvg(
-        store_every=store_every,
-        num_clients=config["num-clients"],
-        seed=derive_seed(config["seed"], "sampling"),
-        fraction_train=config["fraction-train"],
-        fraction_evaluate=config["fraction-evaluate"],
-        round_timeout=config["round-timeout"],
-        excluded_partitions=excluded,
-    )
+# What the evaluation of a method's extra predictors (Outcome.also_evaluate) keeps in its details.
+ALSO_EVALUATED_KEYS = ("test_accuracy", "test_accuracy_vote", "forget_accuracy", "asr")
 
 
 def deletion_round(config: dict[str, Any]) -> int:
@@ -51,7 +43,12 @@ def deletion_round(config: dict[str, Any]) -> int:
 
 
 class FederatedJob:
-    """One run on a Flower grid; every phase writes into one :class:`RunRecord`."""
+    """One run on a Flower grid; every phase writes into one :class:`RunRecord`.
+
+    The job knows the phases (train, delete, unlearn, retrain, evaluate) and nothing of any method
+    beyond the seam: each method's requirements subscribe training hooks, and each unlearns through
+    ``method.unlearn(port, deletion)``.
+    """
 
     def __init__(self, grid: Grid, config: dict[str, Any], on_round: RoundCallback | None, on_phase: PhaseCallback | None):
         self.grid, self.config = grid, config
@@ -65,20 +62,18 @@ class FederatedJob:
         self.device = resolve_device(config["device"])
         self.model = self.federation.initial_model()
         self.initial_state = {name: value.clone() for name, value in self.model.state_dict().items()}
-        # A method that replays training (FedEraser) declares it up front: training then stores updates.
-        needs_storage = any(
-            getattr(get_method(name), "needs_stored_updates", False) for name in parse_methods(config["unlearn-methods"])
+        self.methods = [create_method(name, config) for name in parse_methods(config["unlearn-methods"])]
+        self.roster, self.log = Roster(), MessageLog()
+        self.port = GridPort(
+            grid, config, self.roster, self.log, self.initial_state, self.federation.new_model, self.out_dir, self.on_phase,
         )
-        self.strategy = _new_strategy(config, store_every=config["federaser-interval"] if needs_storage else 0)
-        # SISA trains its own shard constituents beside the global model; it declares that too.
-        self.trains_constituents = any(get_method(name).runs_on == "shards" for name in parse_methods(config["unlearn-methods"]))
-        self.sisa_training: SisaTraining | None = None
+        self.sampling_seed = derive_seed(config["seed"], "sampling")
 
     # --- phases --------------------------------------------------------------------------------
 
     def run(self) -> RunRecord:
         config = self.config
-        clients = self.strategy.discover_clients(self.grid)
+        clients = self.roster.discover(self.grid, config["num-clients"], config["round-timeout"])
         self.record.partitions = {
             "scheme": config["partition"],
             "num_clients": len(clients),
@@ -90,41 +85,39 @@ class FederatedJob:
         requests = requests_from_config(config["forget-clients"])
         if config["deletion-requests"]:
             requests += requests_from_file(config["deletion-requests"])
-        methods = parse_methods(config["unlearn-methods"])
         accepted = screen_requests(requests, clients, ledger)
         forget = sorted({client for request in accepted for client in request.clients})
         stop_round = deletion_round(config)
 
+        # Training hooks: the round history the methods require, then each method's own hooks.
+        method_hooks = [hook for method in self.methods for hook in method.training_hooks()]
+        round_hooks = self.port.history_hooks(method.requirements for method in self.methods) + method_hooks
         self.on_phase("training")
-        trained_state = self._train(self.initial_state, rounds=stop_round, first_round=1, strategy=self.strategy)
+        trained_state = self._train(self.initial_state, rounds=stop_round, first_round=1, participants=list(clients), hooks=round_hooks)
         self.record.methods["original"] = {"seconds": self.record.rounds[-1]["seconds"]}
-        torch.save(trained_state, self.out_dir / "global_model.pt")
-        if self.trains_constituents and forget:
-            self.sisa_training = train_constituents(
-                self.grid, self.strategy.clients, config, self.initial_state, stop_round, self.out_dir, self.on_phase,
-            )
-            self.strategy.message_log.extend(self.sisa_training.message_log)
+        atomic_torch_save(trained_state, self.out_dir / "global_model.pt")
 
-        outcomes: dict[str, UnlearningOutcome] = {}
+        outcomes: dict[str, tuple[Outcome, float]] = {}
         if forget:
-            for method in methods:
-                self.on_phase(f"unlearning: {method}")
-                self.strategy.phase = f"unlearning: {method}"
+            for hook in method_hooks:
+                hook.after_training(self.port, trained_state, stop_round)
+            deletion = Deletion(forget_clients=tuple(forget), trained_state=trained_state, trained_rounds=stop_round)
+            for method in self.methods:
                 try:
-                    outcome = apply_method(
-                        self.strategy, self.grid, trained_state, self.model, method, forget, config,
-                        sisa_training=self.sisa_training, new_model=self.federation.new_model,
-                    )
+                    with self.port.phase(f"unlearning: {method.name}"):
+                        start = time.perf_counter()
+                        outcome = method.unlearn(self.port, deletion)
+                        seconds = time.perf_counter() - start
                 except UnlearningFailed as failure:
                     for request in accepted:
-                        ledger.append(request, "failed", method=method, affected_clients=forget, reason=str(failure))
-                    self.record.methods[method] = {"failed": str(failure)}
+                        ledger.append(request, "failed", method=method.name, affected_clients=forget, reason=str(failure))
+                    self.record.methods[method.name] = {"failed": str(failure)}
                     continue
-                outcomes[method] = outcome
+                outcomes[method.name] = (outcome, seconds)
                 for request in accepted:
                     ledger.append(
-                        request, "applied", method=method, affected_clients=outcome.affected_clients,
-                        seconds=round(outcome.seconds, 4), epsilon=outcome.epsilon,
+                        request, "applied", method=method.name, affected_clients=outcome.affected_clients,
+                        seconds=round(seconds, 4), epsilon=outcome.epsilon,
                     )
             self.on_phase("retraining the oracle")
             retrained_state, retrain_info = self._retrain(forget, stop_round)
@@ -134,19 +127,21 @@ class FederatedJob:
                 self._continue_after_deletion(outcomes, forget, stop_round)
         else:
             self._evaluate(trained_state, None, None, {}, [])
-        self.record.communication = self._communication_summary()
+        self.record.communication = self.log.summary()
         self.record.write(self.out_dir)
         return self.record
 
-    def _train(self, start_state, rounds: int, first_round: int, strategy: UnlearningFedAvg, phase: str = "training"):
-        config, record, data = self.config, self.record, self.federation.data
+    def _train(self, start_state, rounds: int, first_round: int, participants: list[int], hooks=(), phase: str = "training"):
+        """FedAvg over ``participants``, the test set evaluated after every round (``rounds`` in results.json)."""
+        record, data = self.record, self.federation.data
         offset = first_round - 1
+        strategy = self.port.fedavg(participants, seed=self.sampling_seed, evaluate_on_clients=True, hooks=hooks)
 
         def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0 and offset > 0:
                 return None  # the starting model of a later phase is already evaluated (methods.<name>)
             self.model.load_state_dict(arrays.to_torch_state_dict())
-            scores = evaluate(self.model, data.test, self.device)
+            scores = loss_and_accuracy(self.model, data.test, self.device)
             entry = record.round_entry(server_round + offset)
             if phase != "training":
                 entry["phase"] = phase
@@ -160,7 +155,7 @@ class FederatedJob:
                 self.on_round(server_round + offset, entry)
             return MetricRecord({"test-loss": scores["loss"], "test-accuracy": scores["accuracy"]})
 
-        return strategy.train_from(self.grid, start_state, rounds, evaluate_fn=evaluate_on_test_set)
+        return self.port.run_fedavg(strategy, start_state, rounds, evaluate_fn=evaluate_on_test_set)
 
     def _retrain(self, forget: list[int], rounds: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """FedAvg from the same initial model and seed without the deleted clients, timed like training."""
@@ -168,13 +163,11 @@ class FederatedJob:
         if self.config["retrain-cache"] and (cached := retrain_cache.load(key)) is not None:
             state, info = cached
             return state, {**info, "from_cache": True}
-        strategy = _new_strategy(self.config, excluded=tuple(forget))
-        strategy.clients = dict(self.strategy.clients)
-        strategy.phase = "retrain"
+        remaining = [k for k in self.roster.clients if k not in set(forget)]
         start = time.perf_counter()
-        state = strategy.train_from(self.grid, self.initial_state, rounds)
+        with self.port.phase("retrain"):
+            state = self.port.train(remaining, self.initial_state, rounds, seed=self.sampling_seed, evaluate_on_clients=True).state
         seconds = time.perf_counter() - start
-        self.strategy.message_log.extend(strategy.message_log)
         info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key}
         retrain_cache.store(key, state, info)
         return state, {**info, "from_cache": False}
@@ -183,30 +176,28 @@ class FederatedJob:
         states = {"original": trained_state}
         if retrained_state is not None:
             states["retrain"] = retrained_state
-        states.update({name: outcome.state for name, outcome in outcomes.items() if outcome.state is not None})
-        predictors = {name: outcome.predictor for name, outcome in outcomes.items() if outcome.predictor is not None}
-        if self.sisa_training is not None and "sisa" in predictors:
-            predictors["sisa-before-deletion"] = ensemble_of(self.sisa_training.constituents, self.federation.new_model)
+        states.update({name: outcome.state for name, (outcome, _) in outcomes.items() if outcome.state is not None})
+        predictors = {name: outcome.predictor for name, (outcome, _) in outcomes.items() if outcome.predictor is not None}
+        extra = {
+            (name, label): predictor
+            for name, (outcome, _) in outcomes.items()
+            for label, predictor in outcome.also_evaluate.items()
+        }
+        predictors.update({f"{name} ({label})": predictor for (name, label), predictor in extra.items()})
         scores = evaluate_models(self.federation, self.model, states, forget, self.device, self.config, predictors)
-        if "sisa-before-deletion" in scores:
-            # SISA's own starting point (its ensemble before the deletion), not a method of its own.
-            before = scores.pop("sisa-before-deletion")
-            outcomes["sisa"].details["ensemble_before_deletion"] = {
-                key: before[key] for key in ("test_accuracy", "test_accuracy_vote", "forget_accuracy", "asr") if key in before
-            }
+        for name, label in extra:
+            values = scores.pop(f"{name} ({label})")
+            outcomes[name][0].details[label] = {key: values[key] for key in ALSO_EVALUATED_KEYS if key in values}
         for name, values in scores.items():
-            entry = self.record.methods.setdefault(name, {})
-            entry.update(values)
+            self.record.methods.setdefault(name, {}).update(values)
         if retrain_info is not None:
             retrain_seconds = retrain_info["seconds"]
             self.record.methods["retrain"].update(seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"])
-            for name, outcome in outcomes.items():
-                for headline in ("storage_bytes", "retrained_fraction"):
-                    if headline in outcome.details:
-                        self.record.methods[name][headline] = outcome.details[headline]
+            for name, (outcome, seconds) in outcomes.items():
+                self.record.methods[name].update(outcome.headline)
                 self.record.methods[name].update(
-                    seconds=outcome.seconds,
-                    speedup=retrain_seconds / outcome.seconds if outcome.seconds > 0 else None,
+                    seconds=seconds,
+                    speedup=speedup(retrain_seconds, seconds),
                     communication_rounds=outcome.communication_rounds,
                     affected_clients=outcome.affected_clients,
                     epsilon=outcome.epsilon,
@@ -215,27 +206,18 @@ class FederatedJob:
 
     def _continue_after_deletion(self, outcomes, forget, stop_round) -> None:
         """Rounds after the deletion point go on without the deleted clients, from the first method's model."""
-        with_model = [outcome for outcome in outcomes.values() if outcome.state is not None]
+        with_model = [(name, outcome) for name, (outcome, _) in outcomes.items() if outcome.state is not None]
         if not with_model:
             return  # an ensemble (SISA) is not a global model to go on training
-        first = with_model[0]
-        self.on_phase(f"training after the deletion (from {first.method})")
-        strategy = _new_strategy(self.config, excluded=tuple(forget))
-        strategy.clients = dict(self.strategy.clients)
-        strategy.phase = "after-deletion"
-        final_state = self._train(
-            first.state, rounds=self.config["num-rounds"] - stop_round, first_round=stop_round + 1,
-            strategy=strategy, phase=f"after-deletion ({first.method})",
-        )
-        self.strategy.message_log.extend(strategy.message_log)
-        torch.save(final_state, self.out_dir / "global_model_after_deletion.pt")
-
-    def _communication_summary(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for entry in self.strategy.message_log:
-            counts[str(entry["type"])] = counts.get(str(entry["type"]), 0) + 1
-        unlearn_targets = sorted({int(e["partition"]) for e in self.strategy.message_log if e["type"] == "train.unlearn"})
-        return {"messages_by_type": counts, "train_unlearn_sent_to": unlearn_targets, "log": self.strategy.message_log}
+        name, first = with_model[0]
+        remaining = [k for k in self.roster.clients if k not in set(forget)]
+        with self.port.phase("after-deletion"):
+            self.on_phase(f"training after the deletion (from {name})")
+            final_state = self._train(
+                first.state, rounds=self.config["num-rounds"] - stop_round, first_round=stop_round + 1,
+                participants=remaining, phase=f"after-deletion ({name})",
+            )
+        atomic_torch_save(final_state, self.out_dir / "global_model_after_deletion.pt")
 
 
 def build_server_app(

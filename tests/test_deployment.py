@@ -14,7 +14,8 @@ from flwr.app import Context, RecordDict
 from clients.client_app import _federation_for
 from fedunlearn.data import datasets as data_module
 from fedunlearn.errors import ConfigError
-from simulations import deploy_local
+from simulations import deploy_local, flwr_cli, processes
+from simulations.credentials import make_supernode_keys
 from tests.test_torchvision_loaders import _write_mnist_layout
 
 NUM_CLIENTS = 2
@@ -39,7 +40,7 @@ def deployment(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # prepare_environment() writes FLWR_HOME & co. into os.environ: keep that out of other tests.
         patch.setattr(os, "environ", dict(os.environ, FEDUNLEARN_CACHE=str(root / "cache")))
-        env = deploy_local.deployment_env()
+        env = flwr_cli.flwr_env()
     local = deploy_local.LocalDeployment(root / "deploy", NUM_CLIENTS, data_dir=root / "node-data", env=env)
     try:
         local.start()
@@ -50,7 +51,7 @@ def deployment(tmp_path_factory):
 
 def _started_pids(local) -> set[int]:
     started = {process.pid for process in local.processes}
-    return started | deploy_local._children_of(started)
+    return started | processes.descendants_of(started)
 
 
 @pytest.mark.simulation
@@ -71,10 +72,10 @@ def test_superlink_speaks_tls_with_a_certificate_for_the_loopback_address(deploy
 
 @pytest.mark.simulation
 def test_supernode_without_a_registered_key_is_refused(deployment):
-    nodes = {node["node-id"]: node["status"] for node in deploy_local.list_supernodes(deployment.env)}
+    nodes = {node["node-id"]: node["status"] for node in deployment.list_supernodes()}
     assert nodes == {str(node_id): "online" for node_id in deployment.node_ids}
 
-    private_key, _ = deploy_local.make_supernode_keys(deployment.directory / "keys", "stranger")
+    private_key, _ = make_supernode_keys(deployment.directory / "keys", "stranger")
     log_file = deployment.logs / "stranger.log"
     stranger = deployment.start_supernode(private_key, {"partition-id": 1, "num-partitions": NUM_CLIENTS}, log_file)
     # The SuperLink answers its activation with 412 "No SuperNode found with the given public key",
@@ -87,7 +88,7 @@ def test_supernode_without_a_registered_key_is_refused(deployment):
     assert stranger.returncode != 0, log
     assert "Failed to activate SuperNode" in log, log
     assert "SuperNode ID" not in log
-    nodes_after = {node["node-id"] for node in deploy_local.list_supernodes(deployment.env)}
+    nodes_after = {node["node-id"] for node in deployment.list_supernodes()}
     assert nodes_after == {str(node_id) for node_id in deployment.node_ids}
 
 
@@ -130,7 +131,7 @@ def test_stopping_the_deployment_leaves_nothing_running(deployment):
     pids = _started_pids(deployment)
     assert len(pids) >= 1 + NUM_CLIENTS
     deployment.stop()
-    assert [pid for pid in pids if deploy_local._alive(pid)] == []
+    assert [pid for pid in pids if processes.alive(pid)] == []
 
 
 def test_node_config_data_dir_overrides_the_run_config(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedunlearn.models import build_model
-from fedunlearn.unlearning.federaser import calibrated_update
+from fedunlearn.unlearning.methods.federaser import calibrated_update
 
 
 def test_calibration_keeps_the_stored_magnitude_and_the_fresh_direction():

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from fedunlearn import config as run_config
 from fedunlearn.training import derive_seed
-from fedunlearn.unlearning import METHODS
-from fedunlearn.unlearning.fisher import diagonal_fisher
+from fedunlearn.unlearning import create_method
+from fedunlearn.unlearning.methods.fisher import diagonal_fisher
 from fedunlearn.unlearning.remaining import InProcessRemainingClients
 
 
@@ -38,7 +38,7 @@ def test_fisher_forgetting_noise_has_the_inverse_fisher_variance():
     model, batches = _tiny()
     remaining = InProcessRemainingClients(model, {1: batches[:1], 2: batches[1:]})
     config = run_config.resolve({"fisher-alpha": 1e-4, "seed": 3})
-    update = METHODS["fisher"].solve(model, remaining, config)
+    update = create_method("fisher", config).server_step(model, remaining)
     fisher = remaining.diagonal_fisher(update.param_names)  # the same weighted average the method used
     generator = torch.Generator().manual_seed(derive_seed(3, "fisher-forgetting"))
     for delta, value in zip(update.delta, fisher):

@@ -5,7 +5,7 @@ import torch
 from fedunlearn import config as run_config
 from fedunlearn.federation import build_federation
 from fedunlearn.training import LocalTrainingConfig, train_local
-from fedunlearn.unlearning import METHODS
+from fedunlearn.unlearning import ClientContext, create_method
 from fedunlearn.unlearning.objective import batches_of
 
 
@@ -32,18 +32,22 @@ def _apply(model, update):
     return changed
 
 
+def _context():
+    return ClientContext(partition_id=0, num_examples=0, total_examples=0, influence_weight=1.0, seed=0, device=torch.device("cpu"))
+
+
 def test_naive_ga_lowers_forget_accuracy_and_can_stop_early():
     model, batches = _trained_client_model()
     before = _accuracy(model, batches)
     assert before > 0.9
     config = run_config.resolve({"ga-lr": 0.05})
-    update = METHODS["naive-ga"].solve(copy.deepcopy(model), batches, 1.0, config)
+    update = create_method("naive-ga", config).solve(copy.deepcopy(model), batches, _context())
     after = _accuracy(_apply(model, update), batches)
     assert update.diagnostics["epochs_run"] == 10 and not update.diagnostics["stopped_early"]
     assert after < 0.5 * before
     assert after == update.diagnostics["final_forget_accuracy"]
 
     stopping = run_config.resolve({"ga-lr": 0.05, "ga-stop-forget-accuracy": 0.95})
-    stopped = METHODS["naive-ga"].solve(copy.deepcopy(model), batches, 1.0, stopping)
+    stopped = create_method("naive-ga", stopping).solve(copy.deepcopy(model), batches, _context())
     assert stopped.diagnostics["stopped_early"] and stopped.diagnostics["epochs_run"] < 10
     assert stopped.diagnostics["final_forget_accuracy"] <= 0.95

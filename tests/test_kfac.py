@@ -7,6 +7,7 @@ from torch import nn
 
 from fedunlearn.curvature import (
     KFACInverse,
+    SolverSettings,
     build_inverse,
     compute_kfac_factors,
     inverse_from_config,
@@ -16,6 +17,10 @@ from fedunlearn.curvature.products import dense_curvature
 from fedunlearn.errors import ConfigError
 
 F64 = torch.float64
+
+
+def settings(**changes):
+    return SolverSettings.defaults().replace(**changes)
 
 
 def conv_model(seed=0):
@@ -48,9 +53,9 @@ def test_factors_reproduce_the_exact_ggn_of_a_linear_layer_on_one_example():
 def test_dense_kfac_inverse_equals_the_inverse_of_the_damped_kronecker_product():
     model, batches = conv_model(1)
     damping = 0.05
-    inverse = KFACInverse(model, batches, damping)
+    inverse = KFACInverse(model, batches, settings(damping=damping, factor_solver="dense"))
     forget_gradient = loss_gradient(model, None, batches[:1])
-    update = dict(zip(inverse.param_names, inverse.apply(forget_gradient)))
+    update = dict(zip(inverse.param_names, inverse @ forget_gradient))
     gradient = dict(zip(inverse.param_names, forget_gradient))
     for layer in ("0", "3"):
         a, g = inverse.factors[layer]
@@ -70,9 +75,10 @@ def test_exact_mpo_and_nystrom_factors_reproduce_dense_kfac(solver):
     model, batches = conv_model(2)
     damping = 0.05
     forget_gradient = loss_gradient(model, None, batches[:1])
-    dense = build_inverse("kfac", model, batches, damping)
-    approx = build_inverse(solver, model, batches, damping, kfac_rank=10_000, nystrom_rank=10_000, mpo_threshold=4)
-    for d, a in zip(dense.apply(forget_gradient), approx.apply(forget_gradient)):
+    dense = build_inverse("kfac", model, batches, settings(damping=damping, factor_solver="dense"))
+    approx = build_inverse(solver, model, batches, settings(damping=damping, kfac_rank=10_000, nystrom_rank=10_000, mpo_threshold=4))
+    assert approx.diagnostics["factor_solver"] == solver.removeprefix("kfac-")
+    for d, a in zip(dense @ forget_gradient, approx @ forget_gradient):
         assert torch.allclose(d, a, rtol=1e-7, atol=1e-10)
     used = {f["solver"] for layer in approx.diagnostics["layers"].values() for f in (layer["A"], layer["G"])}
     assert used == {solver.removeprefix("kfac-"), "dense"} or used == {solver.removeprefix("kfac-")}
@@ -85,23 +91,26 @@ def test_uncovered_parameters_get_damped_identity_or_zero():
     batches = [(x, y)]
     gradient = loss_gradient(model, None, batches)
     damping = 0.2
-    identity = KFACInverse(model, batches, damping, uncovered="identity")
+    identity = KFACInverse(model, batches, settings(damping=damping, kfac_uncovered="identity"))
     assert identity.uncovered == ["1.weight", "1.bias"]
-    updates = dict(zip(identity.param_names, identity.apply(gradient)))
+    updates = dict(zip(identity.param_names, identity @ gradient))
     by_name = dict(zip(identity.param_names, gradient))
     assert torch.allclose(updates["1.weight"], by_name["1.weight"] / damping)
-    zero = KFACInverse(model, batches, damping, uncovered="zero")
-    assert torch.count_nonzero(dict(zip(zero.param_names, zero.apply(gradient)))["1.bias"]) == 0
+    zero = KFACInverse(model, batches, settings(damping=damping, kfac_uncovered="zero"))
+    assert torch.count_nonzero(dict(zip(zero.param_names, zero @ gradient))["1.bias"]) == 0
 
 
 def test_config_resolution_and_errors():
     model, batches = conv_model()
-    operator = inverse_from_config(model, batches, {"solver": "kfac", "damping": 0.1, "factor-solver": "dense"})
-    assert isinstance(operator, KFACInverse)
+    operator = inverse_from_config(model, batches, {"damping": 0.1, "factor-solver": "dense"}, solver="kfac")
+    assert isinstance(operator, KFACInverse) and operator.damping == 0.1
     with pytest.raises(ConfigError) as info:
-        build_inverse("newton", model, batches, 0.1)
+        build_inverse("newton", model, batches, settings(damping=0.1))
     assert info.value.key == "solver"
     with pytest.raises(ConfigError):
-        KFACInverse(model, batches, 0.1, factor_solver="svd")
+        KFACInverse(model, batches, settings(damping=0.1, factor_solver="svd"))
     with pytest.raises(ConfigError):
-        KFACInverse(model, batches, 0.1, uncovered="diagonal")
+        KFACInverse(model, batches, settings(damping=0.1, kfac_uncovered="diagonal"))
+    with pytest.raises(ConfigError) as info:
+        KFACInverse(model, batches, settings(damping=0.0))
+    assert info.value.key == "damping"

@@ -192,7 +192,7 @@ def test_bad_input_is_named(digits):
 
 
 def test_result_is_json_serialisable_once_nan_is_replaced(digits):
-    from fedunlearn.metrics import json_ready
+    from fedunlearn.files import json_ready
 
     result = MembershipInference(None, None).attack(mlp(), Subset(digits.train, [0, 1, 2]), digits.test)
     json.dumps(json_ready(result), allow_nan=False)

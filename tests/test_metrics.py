@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.data import Subset, TensorDataset
 
 from fedunlearn.data import load_dataset
+from fedunlearn.files import json_ready
 from fedunlearn.metrics import (
     METRIC_KEYS,
     MembershipInference,
@@ -18,7 +19,6 @@ from fedunlearn.metrics import (
     causal_faithfulness,
     compare_to_retrain,
     evaluate_model,
-    json_ready,
     kl_divergence,
     logit_mse,
     model_outputs,
@@ -28,7 +28,7 @@ from fedunlearn.metrics import (
     stopwatch,
 )
 from fedunlearn.models import build_model
-from fedunlearn.training import LocalTrainingConfig, train_local
+from fedunlearn.training import LocalTrainingConfig, loss_and_accuracy, streamed_accuracy, train_local
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -157,6 +157,23 @@ def test_model_outputs_batches_in_eval_mode_without_grad_and_restores_the_mode()
     assert not small.requires_grad and small.shape == (50, 3) and torch.equal(labels, data.tensors[1])
     with pytest.raises(ValueError, match="empty"):
         model_outputs(model, Subset(data, []))
+
+
+def test_every_reduction_of_the_one_loop_agrees_with_model_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = TensorDataset(torch.randn(50, 4), torch.randint(0, 3, (50,)))
+    logits, labels = model_outputs(model, data, batch_size=7)
+    scores = loss_and_accuracy(model, data, torch.device("cpu"), batch_size=7)
+    assert scores["accuracy"] == accuracy(logits, labels)
+    assert scores["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert not model.training  # loss_and_accuracy leaves the model in eval mode
+    batches = [(data.tensors[0][i : i + 7], data.tensors[1][i : i + 7]) for i in range(0, 50, 7)]
+    assert streamed_accuracy(model, batches) == streamed_accuracy(model, data) == scores["accuracy"]
+    predicted = logits.argmax(dim=1)
+    assert streamed_accuracy(lambda x: model(x).argmax(dim=1), data) == scores["accuracy"]  # classes, not logits
+    assert streamed_accuracy(model, data, target_class=1) == float((predicted == 1).double().mean())
+    assert streamed_accuracy(model, []) == 0.0
 
 
 # --- the evaluator on digits ----------------------------------------------------------------------

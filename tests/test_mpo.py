@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fedunlearn.curvature import SolverSettings
 from fedunlearn.curvature.certificate import theorem1_bound
 from fedunlearn.curvature.factor_solvers import (
     MPOFactorInverse,
@@ -15,6 +16,10 @@ from fedunlearn.curvature.factor_solvers import (
 from fedunlearn.curvature.mpo import als_solve, mode_sizes, smooth_dim, tt_svd
 
 F64 = torch.float64
+
+
+def settings(**changes):
+    return SolverSettings.defaults().replace(**changes)
 
 
 def smooth_kernel(dim, length=0.2):
@@ -83,13 +88,14 @@ def test_mpo_inverse_on_a_smooth_kernel_is_accurate_and_passes_prop2():
     kernel = smooth_kernel(dim)
     t = torch.linspace(0, 1, dim, dtype=F64)
     rhs = torch.stack([torch.sin((j + 1) * math.pi * t) for j in range(4)], 1)
-    inverse = MPOFactorInverse(kernel, damping, rank=12)
+    inverse = MPOFactorInverse(kernel, damping, rank=12, prop2_fallback="dense", seed=0)
     prop2 = inverse.diagnostics["prop2"]
     assert prop2["holds"] and inverse.used == "mpo"
     damped = kernel + damping * torch.eye(dim, dtype=F64)
     exact = torch.linalg.solve(damped, rhs)
-    got = inverse.solve(rhs)
+    got = inverse @ rhs
     assert float(torch.linalg.matrix_norm(got - exact) / torch.linalg.matrix_norm(exact)) < 1e-3
+    assert torch.equal(inverse.solve(rhs), got)
     # Proposition 2's bound (Neumann-series form) holds for the compressed inverse.
     approx = inverse.mpo.to_dense()
     inverse_gap = float(torch.linalg.matrix_norm(torch.linalg.inv(approx) - torch.linalg.inv(damped), ord=2))
@@ -104,14 +110,14 @@ def test_prop2_failure_falls_back_to_dense_or_raises():
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3), dtype=F64)
     covariance = x.T @ x / 40
     damping = 1e-3
-    inverse = MPOFactorInverse(covariance, damping, rank=3)
+    inverse = MPOFactorInverse(covariance, damping, rank=3, prop2_fallback="dense", seed=0)
     assert not inverse.diagnostics["prop2"]["holds"]
     assert inverse.used == "dense" and inverse.diagnostics["fallback"] == "dense"
     b = torch.randn(64, 2, dtype=F64)
     exact = torch.linalg.solve(covariance + damping * torch.eye(64, dtype=F64), b)
-    assert torch.allclose(inverse.solve(b), exact, rtol=1e-8, atol=1e-8)
+    assert torch.allclose(inverse @ b, exact, rtol=1e-8, atol=1e-8)
     with pytest.raises(Prop2Error, match="Proposition 2"):
-        MPOFactorInverse(covariance, damping, rank=3, prop2_fallback="raise")
+        MPOFactorInverse(covariance, damping, rank=3, prop2_fallback="raise", seed=0)
 
 
 def test_factor_solver_registry_threshold_and_padding():
@@ -119,11 +125,12 @@ def test_factor_solver_registry_threshold_and_padding():
     damping = 0.5
     b = torch.randn(289, 3, dtype=F64)
     exact = torch.linalg.solve(a + damping * torch.eye(289, dtype=F64), b)
-    small = make_factor_inverse(a, damping, "mpo", mpo_threshold=300)
+    small = make_factor_inverse(a, settings(damping=damping, factor_solver="mpo", mpo_threshold=300))
     assert small.diagnostics["solver"] == "dense"  # below the threshold
-    full = make_factor_inverse(a, damping, "mpo", rank=10_000, mpo_threshold=256)
+    full = make_factor_inverse(a, settings(damping=damping, factor_solver="mpo", kfac_rank=10_000, mpo_threshold=256))
     assert full.diagnostics["padded_dim"] == 294 and full.used == "mpo"
-    assert torch.allclose(full.solve(b), exact, rtol=1e-7, atol=1e-8)
+    assert torch.allclose(full @ b, exact, rtol=1e-7, atol=1e-8)
+    assert torch.allclose(small @ b, exact, rtol=1e-9, atol=1e-10)
 
 
 def test_theorem1_bound_holds_for_compressed_factors():

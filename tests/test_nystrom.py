@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from fedunlearn.curvature import SolverSettings
 from fedunlearn.curvature.factor_solvers import (
     NystromFactorInverse,
     make_factor_inverse,
@@ -11,6 +12,10 @@ from fedunlearn.curvature.nystrom import NystromApproximation, covariance_matmat
 from fedunlearn.errors import ConfigError
 
 F64 = torch.float64
+
+
+def settings(**changes):
+    return SolverSettings.defaults().replace(**changes)
 
 
 def low_rank_psd(dim, rank, seed=0):
@@ -69,25 +74,28 @@ def test_products_only_from_activations_match_the_dense_factor():
 
 def test_factor_inverse_reports_truncation_error_and_rejects_bad_values():
     a = slow_decay_psd(300, seed=3)
-    inverse = make_factor_inverse(a, 0.01, "nystrom", nystrom_rank=20)
+    inverse = make_factor_inverse(a, settings(damping=0.01, factor_solver="nystrom", nystrom_rank=20))
     assert isinstance(inverse, NystromFactorInverse)
+    b = torch.randn(300, 2, dtype=F64)
+    assert torch.equal(inverse @ b, inverse.approximation.damped_inverse_matmat(b, 0.01))
     a_k = inverse.approximation.matmat(torch.eye(300, dtype=F64))
     assert inverse.diagnostics["truncation_error"] == pytest.approx(float(torch.linalg.matrix_norm(a - a_k)), rel=1e-9)
     assert inverse.diagnostics["bytes"] == 300 * 20 * 8 + 20 * 8
     with pytest.raises(ConfigError):
-        NystromFactorInverse(a, 0.01, rank=0)
+        NystromFactorInverse(a, 0.01, rank=0, seed=0)
     with pytest.raises(ConfigError):
-        NystromFactorInverse(a, 0.0, rank=5)
+        NystromFactorInverse(a, 0.0, rank=5, seed=0)
     with pytest.raises(ConfigError) as info:
-        make_factor_inverse(a, 0.01, "svd")
+        make_factor_inverse(a, settings(damping=0.01, factor_solver="svd"))
     assert info.value.key == "factor-solver" and "nystrom" in info.value.choices
 
 
 def test_auto_uses_dense_within_budget_and_the_better_approximation_beyond():
     a = low_rank_psd(300, 6, seed=4)
     damping = 0.1
-    assert make_factor_inverse(a, damping, "auto", memory_budget=300 * 300 * 8).diagnostics["solver"] == "dense"
-    chosen = make_factor_inverse(a, damping, "auto", rank=4, nystrom_rank=16, memory_budget=1000)
+    auto = settings(damping=damping, factor_solver="auto")
+    assert make_factor_inverse(a, auto.replace(factor_memory_budget=300 * 300 * 8)).diagnostics["solver"] == "dense"
+    chosen = make_factor_inverse(a, auto.replace(kfac_rank=4, nystrom_rank=16, factor_memory_budget=1000))
     # Rank 6 is exactly captured by Nystrom at k = 16; the MPO at bond dimension 4 is not.
     assert chosen.diagnostics["solver"] == "nystrom"
     assert chosen.diagnostics["auto_estimates"]["nystrom"] < chosen.diagnostics["auto_estimates"]["mpo"]

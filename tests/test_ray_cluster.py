@@ -5,7 +5,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import pytest
 from fedunlearn import config as run_config
 from fedunlearn.environment import RAY_TEMP_DIR_MAX_LENGTH
 from fedunlearn.errors import ConfigError
+from simulations.processes import free_port
 from simulations.runner import backend_config
 
 RAY = Path(sys.executable).with_name("ray")
@@ -36,12 +36,6 @@ def _psutil():
 
         psutil = importlib.import_module("psutil")
     return psutil
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _environment(cache: Path, **extra: str) -> dict[str, str]:
@@ -64,12 +58,12 @@ def ray_head(cache: Path, stopped: list):
     temp_dir = cache / "rh"
     if len(str(temp_dir)) > RAY_TEMP_DIR_MAX_LENGTH:
         temp_dir = Path(tempfile.mkdtemp(prefix="fu-rh-"))
-    port = _free_port()
+    port = free_port()
     command = [
         str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp_dir), "--include-dashboard=false",
-        "--ray-client-server-port", str(_free_port()), "--dashboard-port", str(_free_port()),
-        "--dashboard-agent-listen-port", str(_free_port()),
+        "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
     ]
     with open(cache / "ray-head.log", "w") as log:
         # --block keeps `ray start` in the foreground: its SIGTERM handler stops every process of this node.

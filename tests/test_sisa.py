@@ -5,7 +5,7 @@ import torch
 from fedunlearn import config as run_config
 from fedunlearn.errors import ConfigError
 from fedunlearn.training import derive_seed
-from fedunlearn.unlearning.sisa import ShardHistory, SisaEnsemble, plan_shards, retrained_fraction
+from fedunlearn.unlearning.methods.sisa import ShardHistory, SisaEnsemble, plan_shards, retrained_fraction
 
 
 def test_plan_deals_every_client_to_exactly_one_shard_and_slice():

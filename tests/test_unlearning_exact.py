@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fedunlearn import config as run_config
 from fedunlearn.federation import build_federation
 from fedunlearn.models.logreg import LogisticRegression
-from fedunlearn.unlearning import METHODS
+from fedunlearn.unlearning import ClientContext, create_method
 from fedunlearn.unlearning.objective import batches_of
 from fedunlearn.unlearning.remaining import InProcessRemainingClients
 
@@ -93,7 +93,7 @@ def test_hf_kcu_global_lands_on_the_retrained_optimum(convex_setup):
     federation, full, reference, test_x, test_y, client_batches, remaining_clients = convex_setup
     remaining = InProcessRemainingClients(full, {k: client_batches[k] for k in remaining_clients})
     config = run_config.resolve({"damping": 0.0, "curvature": "hessian", "cg-iters": 300, "cg-tol": 1e-10})
-    update = METHODS["hf-kcu-global"].solve(full, remaining, config)
+    update = create_method("hf-kcu-global", config).server_step(full, remaining)
     unlearned = _apply(full, update.param_names, update.delta)
 
     kl_original = _kl_to(reference, full, test_x)
@@ -113,7 +113,9 @@ def test_local_curvature_methods_are_measured_against_the_optimum(convex_setup, 
     sizes = federation.partitioning.sizes
     influence_weight = sizes[DELETED] / (sum(sizes) - sizes[DELETED])
     config = run_config.resolve({"damping": 0.01, "curvature": "hessian", "cg-iters": 300, "cg-tol": 1e-10})
-    update = METHODS[method].solve(full, client_batches[DELETED], influence_weight, config)
+    context = ClientContext(partition_id=DELETED, num_examples=sizes[DELETED], total_examples=sum(sizes),
+                            influence_weight=influence_weight, seed=0, device=torch.device("cpu"))
+    update = create_method(method, config).solve(full, client_batches[DELETED], context)
     unlearned = _apply(full, update.param_names, update.delta)
     kl_original = _kl_to(reference, full, test_x)
     kl_unlearned = _kl_to(reference, unlearned, test_x)

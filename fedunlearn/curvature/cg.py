@@ -1,17 +1,21 @@
 """Conjugate gradient for (C + lambda I) x = b, C the Hessian or the GGN, and the CG inverse operator.
 
-CG needs only products with C (``products.hvp`` / ``products.ggn_vp``), never the matrix. After k
+CG needs only products with C, never the matrix: from local data (``products.hvp`` /
+``products.ggn_vp``, :class:`DampedCurvature`) or from any function computing them, e.g. a sum over
+a federation of clients, one round per product (:class:`CallableCurvature`). After k
 iterations from x0 = 0 on an SPD system with condition number kappa (HF-KCU eq. 6 / Thm. 3):
 
     ||x_k - x*||_A <= 2 ((sqrt(kappa) - 1) / (sqrt(kappa) + 1))^k ||x0 - x*||_A.
 
 The Hessian of a non-convex loss may be indefinite even after damping: CG then meets a direction
 with p^T A p <= 0, where its step is undefined. We detect that, stop, and report it; the CG inverse
-can instead switch to the GGN (PSD for cross-entropy) or multiply the damping and start again.
+can instead switch to the GGN (PSD for cross-entropy) or multiply the damping and start again
+(:func:`after_negative_curvature`, the one place deciding that).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from fedunlearn.curvature.products import (
     resolve_param_names,
     unflatten,
 )
+from fedunlearn.curvature.settings import SolverSettings
 from fedunlearn.errors import ConfigError
 
 CURVATURES = ("hessian", "ggn")
@@ -63,7 +68,7 @@ def conjugate_gradient(
     matvec: Callable[[Tensor], Tensor],
     b: Tensor,
     max_iters: int,
-    tol: float = 1e-6,
+    tol: float,
     x0: Tensor | None = None,
 ) -> CGResult:
     """Solve A x = b for symmetric A given only ``matvec``; stop when ||r|| <= tol ||b||.
@@ -121,10 +126,83 @@ def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
         raise ConfigError(key, value, choices)
 
 
-class DampedCurvature:
-    """The linear operator C + lambda I (C = Hessian or GGN of the mean loss over ``batches``).
+def after_negative_curvature(
+    result: CGResult, policy: str, curvature: str, damping: float, attempt: int
+) -> tuple[str, float] | None:
+    """The ``negative-curvature`` policy after CG attempt number ``attempt`` (1 for the first) ran on
+    the damped ``curvature`` with ``damping`` and returned ``result``: the (curvature, damping) to
+    solve with next, or None to keep ``result``.
 
-    Apply it with ``@`` to a list of parameter-shaped tensors or ``.matvec`` to a flat vector.
+    ``stop``: None. ``ggn``: the GGN at the same damping, once (None if already on the GGN).
+    ``damping``: the same curvature at DAMPING_GROWTH times the damping, while attempt <= DAMPING_RETRIES.
+    ``raise``: :class:`NegativeCurvatureError`. A result without negative curvature always gives None.
+    """
+    _check_choice("negative-curvature", policy, NEGATIVE_CURVATURE_POLICIES)
+    if not result.negative_curvature or policy == "stop":
+        return None
+    if policy == "raise":
+        raise NegativeCurvatureError(
+            f"CG met curvature {result.negative_curvature_value:.3g} <= 0 at iteration {result.iterations + 1} "
+            f"of the damped {curvature} (damping {damping:g}); raise 'damping', or set curvature = ggn "
+            "or negative-curvature = ggn"
+        )
+    if policy == "ggn" and curvature == "hessian":
+        return "ggn", damping
+    if policy == "damping" and attempt <= DAMPING_RETRIES:
+        return curvature, damping * DAMPING_GROWTH
+    return None
+
+
+class DampedOperator:
+    """The linear operator C + lambda I, C the Hessian or the GGN given by :meth:`curvature_product`.
+
+    Apply it with ``@`` to a list of parameter-shaped tensors or ``.matvec`` to a flat vector:
+    ``matvec(v) = curvature_product(v) + damping * v``. ``replace`` gives the same operator with
+    another curvature or damping (what the negative-curvature policy retries with).
+    """
+
+    def __init__(self, like: Sequence[Tensor], damping: float, curvature: str, param_names: Sequence[str]):
+        _check_choice("curvature", curvature, CURVATURES)
+        if not damping >= 0:
+            raise ConfigError("damping", damping, "a number >= 0")
+        self.damping, self.curvature = float(damping), curvature
+        self.param_names = list(param_names)
+        self._like = list(like)
+        self.num_products = 0
+
+    @property
+    def dim(self) -> int:
+        return sum(t.numel() for t in self._like)
+
+    @property
+    def like(self) -> list[Tensor]:
+        return list(self._like)
+
+    def curvature_product(self, flat: Tensor) -> Tensor:
+        """C v for a flat v, flat."""
+        raise NotImplementedError
+
+    def matvec(self, flat: Tensor) -> Tensor:
+        self.num_products += 1
+        return self.curvature_product(flat) + self.damping * flat
+
+    def __matmul__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        return unflatten(self.matvec(flatten(vectors)), self._like)
+
+    def replace(self, curvature: str | None = None, damping: float | None = None) -> DampedOperator:
+        curvature = self.curvature if curvature is None else curvature
+        damping = self.damping if damping is None else damping
+        _check_choice("curvature", curvature, CURVATURES)
+        if not damping >= 0:
+            raise ConfigError("damping", damping, "a number >= 0")
+        other = copy.copy(self)
+        other.curvature, other.damping, other.num_products = curvature, float(damping), 0
+        return other
+
+
+class DampedCurvature(DampedOperator):
+    """C + lambda I with C the Hessian or GGN of the mean loss over local ``batches``.
+
     ``batches`` must be re-iterable (a DataLoader or a list): every product makes one pass.
     """
 
@@ -133,67 +211,90 @@ class DampedCurvature:
         model: nn.Module,
         batches: Batches,
         damping: float,
-        curvature: str = "ggn",
+        curvature: str,
         param_names: Sequence[str] | None = None,
         loss_fn: LossFn = cross_entropy,
     ):
-        _check_choice("curvature", curvature, CURVATURES)
-        if not damping >= 0:
-            raise ConfigError("damping", damping, "a number >= 0")
-        self.model, self.batches, self.damping, self.curvature = model, batches, float(damping), curvature
-        self.loss_fn = loss_fn
-        self.param_names = resolve_param_names(model, param_names)
+        names = resolve_param_names(model, param_names)
         params = dict(model.named_parameters())
-        self._like = [params[name].detach() for name in self.param_names]
-        self.num_products = 0
+        super().__init__([params[name].detach() for name in names], damping, curvature, names)
+        self.model, self.batches, self.loss_fn = model, batches, loss_fn
 
-    @property
-    def dim(self) -> int:
-        return sum(t.numel() for t in self._like)
-
-    def __matmul__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+    def curvature_product(self, flat: Tensor) -> Tensor:
         product = hvp if self.curvature == "hessian" else ggn_vp
-        self.num_products += 1
-        cv = product(self.model, self.param_names, self.batches, vectors, self.loss_fn)
-        return [c + self.damping * v for c, v in zip(cv, vectors)]
-
-    def matvec(self, flat: Tensor) -> Tensor:
-        return flatten(self @ unflatten(flat, self._like))
+        return flatten(product(self.model, self.param_names, self.batches, unflatten(flat, self._like), self.loss_fn))
 
 
-class CGInverse:
-    """(C + lambda I)^{-1} applied by CG: the HF-KCU inverse operator.
+CurvatureProduct = Callable[[str, Tensor], Tensor]
 
-    ``apply`` takes and returns lists of parameter-shaped tensors (ordered as ``param_names``).
-    ``diagnostics`` describes the last solve: iterations, residual history, whether and where
-    negative curvature stopped CG, which curvature and damping finally produced the answer.
-    """
+
+class CallableCurvature(DampedOperator):
+    """C + lambda I with C v = ``product(curvature, v)`` on flat vectors: any curvature product,
+    e.g. one summed over a federation of clients (one round per call). ``like`` are the
+    parameter-shaped tensors the flat vectors unflatten to (ordered as ``param_names``)."""
 
     def __init__(
         self,
-        model: nn.Module,
-        batches: Batches,
+        product: CurvatureProduct,
+        like: Sequence[Tensor],
         damping: float,
-        curvature: str = "ggn",
-        cg_iters: int = 100,
-        cg_tol: float = 1e-6,
-        negative_curvature: str = "stop",
+        curvature: str,
         param_names: Sequence[str] | None = None,
-        loss_fn: LossFn = cross_entropy,
     ):
-        _check_choice("negative-curvature", negative_curvature, NEGATIVE_CURVATURE_POLICIES)
-        if not (isinstance(cg_iters, int) and cg_iters >= 1):
-            raise ConfigError("cg-iters", cg_iters, "an integer >= 1")
-        if not cg_tol > 0:
-            raise ConfigError("cg-tol", cg_tol, "a number > 0")
-        self.operator = DampedCurvature(model, batches, damping, curvature, param_names, loss_fn)
-        self.param_names = self.operator.param_names
-        self.cg_iters, self.cg_tol, self.negative_curvature = cg_iters, cg_tol, negative_curvature
+        names = [str(i) for i in range(len(like))] if param_names is None else list(param_names)
+        if len(names) != len(like):
+            raise ValueError(f"{len(names)} parameter names for {len(like)} tensors")
+        super().__init__([t.detach() for t in like], damping, curvature, names)
+        self.product = product
+
+    def curvature_product(self, flat: Tensor) -> Tensor:
+        return self.product(self.curvature, flat)
+
+
+class CGInverse:
+    """(C + lambda I)^{-1} applied by CG over a :class:`DampedOperator`: the HF-KCU inverse operator.
+
+    ``inverse @ vectors`` takes and returns lists of parameter-shaped tensors (ordered as
+    ``param_names``); ``solve_flat(b)`` is the same on a flat vector and returns the final
+    :class:`CGResult`. The operator's curvature and damping are where each solve starts;
+    ``settings`` gives ``cg_iters``, ``cg_tol`` and the ``negative_curvature`` policy
+    (:func:`after_negative_curvature`). ``diagnostics`` describes the last solve: iterations, residual
+    history, whether and where negative curvature stopped CG, which curvature and damping finally
+    produced the answer, and every attempt.
+    """
+
+    def __init__(self, operator: DampedOperator, settings: SolverSettings):
+        _check_choice("negative-curvature", settings.negative_curvature, NEGATIVE_CURVATURE_POLICIES)
+        self.operator, self.settings = operator, settings
+        self.param_names = operator.param_names
+        self.cg_iters, self.cg_tol, self.negative_curvature = settings.cg_iters, settings.cg_tol, settings.negative_curvature
         self.diagnostics: dict = {}
 
-    def apply(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+    @classmethod
+    def from_local(
+        cls,
+        model: nn.Module,
+        batches: Batches,
+        settings: SolverSettings,
+        param_names: Sequence[str] | None = None,
+        loss_fn: LossFn = cross_entropy,
+    ) -> CGInverse:
+        """CG on the ``settings.curvature`` of the mean loss over ``batches``, damped by ``settings.damping``."""
+        return cls(DampedCurvature(model, batches, settings.damping, settings.curvature, param_names, loss_fn), settings)
+
+    @classmethod
+    def from_callable(
+        cls,
+        product: CurvatureProduct,
+        like: Sequence[Tensor],
+        settings: SolverSettings,
+        param_names: Sequence[str] | None = None,
+    ) -> CGInverse:
+        """CG on ``product(curvature, flat v) -> flat C v``, starting at ``settings.curvature`` and ``settings.damping``."""
+        return cls(CallableCurvature(product, like, settings.damping, settings.curvature, param_names), settings)
+
+    def solve_flat(self, b: Tensor) -> CGResult:
         start = time.perf_counter()
-        b = flatten(vectors)
         operator = self.operator
         attempts = []
         while True:
@@ -209,30 +310,11 @@ class CGInverse:
                     "products": operator.num_products - products_before,
                 }
             )
-            if not result.negative_curvature or self.negative_curvature == "stop":
+            retry = after_negative_curvature(result, self.negative_curvature, operator.curvature, operator.damping, len(attempts))
+            if retry is None:
                 break
-            if self.negative_curvature == "raise":
-                raise NegativeCurvatureError(
-                    f"CG met curvature {result.negative_curvature_value:.3g} <= 0 at iteration "
-                    f"{result.iterations + 1} of the damped {operator.curvature} (damping {operator.damping:g}); "
-                    "raise 'damping' or use curvature='ggn'"
-                )
-            if self.negative_curvature == "ggn" and operator.curvature == "hessian":
-                operator = DampedCurvature(
-                    operator.model, operator.batches, operator.damping, "ggn", operator.param_names, operator.loss_fn
-                )
-                continue
-            if self.negative_curvature == "damping" and len(attempts) <= DAMPING_RETRIES:
-                operator = DampedCurvature(
-                    operator.model,
-                    operator.batches,
-                    operator.damping * DAMPING_GROWTH,
-                    operator.curvature,
-                    operator.param_names,
-                    operator.loss_fn,
-                )
-                continue
-            break
+            curvature, damping = retry
+            operator = operator.replace(curvature=curvature, damping=damping)
         self.diagnostics = {
             "solver": "cg",
             "curvature": operator.curvature,
@@ -244,6 +326,13 @@ class CGInverse:
             "stop_reason": result.stop_reason,
             "negative_curvature": any(a["stop_reason"] == "negative-curvature" for a in attempts),
             "attempts": attempts,
+            "products": sum(a["products"] for a in attempts),
             "seconds": time.perf_counter() - start,
         }
-        return unflatten(result.solution, vectors)
+        return result
+
+    def apply(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        return unflatten(self.solve_flat(flatten(vectors)).solution, vectors)
+
+    def __matmul__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        return self.apply(vectors)

@@ -1,7 +1,9 @@
 """Per-factor inverses of a damped Kronecker factor A_hat = A + lambda I: dense, MPO, Nystrom, auto.
 
-Every solver has ``solve(rhs) -> A_hat^{-1} rhs`` for rhs of shape (d,) or (d, m) and a
-``diagnostics`` dict. :func:`make_factor_inverse` resolves the ``factor-solver`` string in one place.
+Every solver is a :class:`~fedunlearn.curvature.operators.FactorInverse`: ``inverse @ rhs`` (or
+``solve(rhs)``) is A_hat^{-1} rhs for rhs of shape (d,) or (d, m), and ``diagnostics`` describes it.
+:func:`make_factor_inverse` resolves the ``factor-solver`` string in one place, from the
+:class:`~fedunlearn.curvature.settings.SolverSettings`.
 
 Factors of dimension <= ``mpo_threshold`` are always solved densely: below it a low-rank or
 tensor-train approximation saves nothing worth its error.
@@ -12,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -26,27 +27,18 @@ from fedunlearn.curvature.mpo import (
     tt_svd,
 )
 from fedunlearn.curvature.nystrom import MatMat, NystromApproximation
+from fedunlearn.curvature.operators import FactorInverse  # noqa: F401  (re-exported; the protocol lives in operators.py)
+from fedunlearn.curvature.settings import SolverSettings
 from fedunlearn.errors import ConfigError
 
 FACTOR_SOLVERS = ("dense", "mpo", "nystrom", "auto")
 PROP2_FALLBACKS = ("dense", "raise")
-DEFAULT_MPO_THRESHOLD = 256
-DEFAULT_KFAC_RANK = 16
-DEFAULT_NYSTROM_RANK = 128
-DEFAULT_FACTOR_MEMORY_BUDGET = 256 * 2**20  # bytes of one dense d x d factor
 # Probe vectors for auto's error estimate of the MPO and Nystrom approximations.
 AUTO_PROBES = 8
 
 
 class Prop2Error(ArithmeticError):
     """The MPO truncation is too coarse for the poster's Proposition 2 and the config says raise."""
-
-
-class FactorInverse(Protocol):
-    dim: int
-    diagnostics: dict
-
-    def solve(self, rhs: Tensor) -> Tensor: ...
 
 
 def _check_damping(damping: float) -> None:
@@ -94,6 +86,9 @@ class DenseFactorInverse:
         out = out.to(rhs.dtype)
         return out.reshape(-1) if vector else out
 
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        return self.solve(rhs)
+
 
 def prop2_inverse_bound(spectral_error: float, norm: float, kappa: float) -> float:
     """||A_tilde^{-1} - A_hat^{-1}||_2 <= kappa^2 eps / (||A_hat|| (||A_hat|| - kappa eps)) when kappa eps < ||A_hat||.
@@ -120,14 +115,15 @@ class MPOFactorInverse:
         self,
         factor: Tensor,
         damping: float,
-        rank: int = DEFAULT_KFAC_RANK,
-        prop2_fallback: str = "dense",
+        rank: int,
+        prop2_fallback: str,
+        *,
+        seed: int,
         als_rank: int | None = None,
         als_sweeps: int = 4,
         max_mode: int = 4,
         check_prop2: bool = True,
         lanczos_steps: int = 30,
-        seed: int = 0,
     ):
         _check_damping(damping)
         if prop2_fallback not in PROP2_FALLBACKS:
@@ -246,11 +242,14 @@ class MPOFactorInverse:
         out = solution[: self.dim].to(rhs.dtype)
         return out.reshape(-1) if vector else out
 
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        return self.solve(rhs)
+
 
 class NystromFactorInverse:
     """(A_k + lambda I)^{-1} with A_k the rank-k randomized Nystrom approximation of A."""
 
-    def __init__(self, factor: Tensor | MatMat, damping: float, rank: int = DEFAULT_NYSTROM_RANK, dim: int | None = None, dtype=None, seed: int = 0):
+    def __init__(self, factor: Tensor | MatMat, damping: float, rank: int, *, seed: int, dim: int | None = None, dtype=None):
         _check_damping(damping)
         if not (isinstance(rank, int) and rank >= 1):
             raise ConfigError("nystrom-rank", rank, "an integer >= 1")
@@ -281,6 +280,9 @@ class NystromFactorInverse:
     def solve(self, rhs: Tensor) -> Tensor:
         return self.approximation.damped_inverse_matmat(rhs, self.damping).to(rhs.dtype)
 
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        return self.solve(rhs)
+
 
 def _probe_relative_error(exact: Callable[[Tensor], Tensor], approx: Callable[[Tensor], Tensor], dim: int, dtype, seed: int) -> float:
     """||(A - B) Z||_F / ||A Z||_F with Gaussian Z: an unbiased-in-square Frobenius error estimate."""
@@ -290,23 +292,18 @@ def _probe_relative_error(exact: Callable[[Tensor], Tensor], approx: Callable[[T
     return float(torch.linalg.matrix_norm(reference - approx(probes)) / torch.linalg.matrix_norm(reference))
 
 
-def make_factor_inverse(
-    factor: Tensor,
-    damping: float,
-    solver: str = "dense",
-    rank: int = DEFAULT_KFAC_RANK,
-    nystrom_rank: int = DEFAULT_NYSTROM_RANK,
-    mpo_threshold: int = DEFAULT_MPO_THRESHOLD,
-    memory_budget: int = DEFAULT_FACTOR_MEMORY_BUDGET,
-    prop2_fallback: str = "dense",
-    seed: int = 0,
-) -> DenseFactorInverse | MPOFactorInverse | NystromFactorInverse:
-    """Resolve ``factor-solver`` for one undamped factor A (d x d) and build A_hat^{-1}.
+def make_factor_inverse(factor: Tensor, settings: SolverSettings) -> DenseFactorInverse | MPOFactorInverse | NystromFactorInverse:
+    """Resolve ``settings.factor_solver`` for one undamped factor A (d x d) and build A_hat^{-1},
+    A_hat = A + ``settings.damping`` I.
 
-    ``auto``: dense while d^2 * bytes-per-entry fits ``memory_budget``; else both approximations
-    are built and the one with the smaller probe-estimated relative error is kept (MPO only if it
-    also passes Proposition 2).
+    Also read: ``kfac_rank`` (MPO bond dimension), ``nystrom_rank``, ``mpo_threshold``,
+    ``factor_memory_budget``, ``prop2_fallback``, ``seed``. ``auto``: dense while d^2 *
+    bytes-per-entry fits ``factor_memory_budget``; else both approximations are built and the one
+    with the smaller probe-estimated relative error is kept (MPO only if it also passes Proposition 2).
     """
+    damping, solver, rank = settings.damping, settings.factor_solver, settings.kfac_rank
+    nystrom_rank, mpo_threshold = settings.nystrom_rank, settings.mpo_threshold
+    memory_budget, prop2_fallback, seed = settings.factor_memory_budget, settings.prop2_fallback, settings.seed
     if solver not in FACTOR_SOLVERS:
         raise ConfigError("factor-solver", solver, FACTOR_SOLVERS)
     if prop2_fallback not in PROP2_FALLBACKS:

@@ -24,14 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fedunlearn.curvature.factor_solvers import (
-    DEFAULT_FACTOR_MEMORY_BUDGET,
-    DEFAULT_KFAC_RANK,
-    DEFAULT_MPO_THRESHOLD,
-    DEFAULT_NYSTROM_RANK,
-    make_factor_inverse,
-)
+from fedunlearn.curvature.factor_solvers import make_factor_inverse
 from fedunlearn.curvature.products import Batches, resolve_param_names
+from fedunlearn.curvature.settings import SolverSettings
 from fedunlearn.errors import ConfigError
 
 UNCOVERED_POLICIES = ("identity", "zero")
@@ -108,38 +103,35 @@ def _joint_gradient(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
 
 
 class KFACInverse:
-    """(G_hat kron A_hat)^{-1} per layer, applied to lists of parameter-shaped tensors.
+    """(G_hat kron A_hat)^{-1} per layer, applied with ``@`` to lists of parameter-shaped tensors.
 
-    ``factor_solver`` picks each factor's inverse: ``dense`` (Cholesky), ``mpo`` (TensorUnlearn:
-    TT-SVD + ALS, checked against Proposition 2), ``nystrom`` or ``auto``. Factors of dimension
-    <= ``mpo_threshold`` are always dense. ``diagnostics["layers"]`` holds, per layer and factor,
-    the solver used, truncation error epsilon, Proposition 2 verdict, bytes and seconds, plus the
-    layer's MPO part of the poster's Theorem 1 bound.
+    From ``settings``: ``damping`` (added to each factor), ``factor_solver`` picks each factor's
+    inverse: ``dense`` (Cholesky), ``mpo`` (TensorUnlearn: TT-SVD + ALS at bond dimension
+    ``kfac_rank``, checked against Proposition 2 with ``prop2_fallback``), ``nystrom``
+    (``nystrom_rank``) or ``auto`` (``factor_memory_budget``). Factors of dimension <=
+    ``mpo_threshold`` are always dense. ``kfac_uncovered`` treats parameters outside Linear/Conv2d
+    layers; ``seed`` drives the randomized parts. ``diagnostics["layers"]`` holds, per layer and
+    factor, the solver used, truncation error epsilon, Proposition 2 verdict, bytes and seconds,
+    plus the layer's MPO part of the poster's Theorem 1 bound.
     """
 
     def __init__(
         self,
         model: nn.Module,
         batches: Batches,
-        damping: float,
-        factor_solver: str = "dense",
-        kfac_rank: int = DEFAULT_KFAC_RANK,
-        nystrom_rank: int = DEFAULT_NYSTROM_RANK,
-        mpo_threshold: int = DEFAULT_MPO_THRESHOLD,
-        factor_memory_budget: int = DEFAULT_FACTOR_MEMORY_BUDGET,
-        prop2_fallback: str = "dense",
-        uncovered: str = "identity",
+        settings: SolverSettings,
         param_names: Sequence[str] | None = None,
         loss_module: nn.Module | None = None,
         fisher_type: str = "type-2",
-        seed: int = 0,
     ):
+        damping, factor_solver, uncovered, seed = settings.damping, settings.factor_solver, settings.kfac_uncovered, settings.seed
         if uncovered not in UNCOVERED_POLICIES:
             raise ConfigError("kfac-uncovered", uncovered, UNCOVERED_POLICIES)
         if not damping > 0:
             raise ConfigError("damping", damping, "a number > 0")
         start = time.perf_counter()
         self.param_names = resolve_param_names(model, param_names)
+        self.settings = settings
         self.damping, self.uncovered_policy = float(damping), uncovered
         factors, self.layers, self.uncovered = compute_kfac_factors(
             model, batches, self.param_names, loss_module, fisher_type, seed=seed
@@ -149,18 +141,8 @@ class KFACInverse:
         self.inverses = {}
         layer_diagnostics = {}
         for layer, (a, g) in factors.items():
-            options = {
-                "damping": damping,
-                "solver": factor_solver,
-                "rank": kfac_rank,
-                "nystrom_rank": nystrom_rank,
-                "mpo_threshold": mpo_threshold,
-                "memory_budget": factor_memory_budget,
-                "prop2_fallback": prop2_fallback,
-                "seed": seed,
-            }
-            a_inverse = make_factor_inverse(a, **options)
-            g_inverse = make_factor_inverse(g, **options)
+            a_inverse = make_factor_inverse(a, settings)
+            g_inverse = make_factor_inverse(g, settings)
             self.inverses[layer] = (a_inverse, g_inverse)
             eps_a = a_inverse.diagnostics.get("truncation_error", 0.0)
             eps_g = g_inverse.diagnostics.get("truncation_error", 0.0)
@@ -196,8 +178,8 @@ class KFACInverse:
             weight_grad = by_name[weight_name]
             joint = _joint_gradient(weight_grad, by_name[bias_name] if bias_name else None)
             a_inverse, g_inverse = self.inverses[layer]
-            right = a_inverse.solve(joint.T).T  # grad A_hat^{-1}
-            update = g_inverse.solve(right)  # G_hat^{-1} grad A_hat^{-1}
+            right = (a_inverse @ joint.T).T  # grad A_hat^{-1}
+            update = g_inverse @ right  # G_hat^{-1} grad A_hat^{-1}
             if bias_name:
                 out[weight_name] = update[:, :-1].reshape(weight_grad.shape)
                 out[bias_name] = update[:, -1].reshape(by_name[bias_name].shape)
@@ -207,3 +189,6 @@ class KFACInverse:
             out[name] = by_name[name] / self.damping if self.uncovered_policy == "identity" else torch.zeros_like(by_name[name])
         self.diagnostics["apply_seconds"] = time.perf_counter() - start
         return [out[name] for name in self.param_names]
+
+    def __matmul__(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        return self.apply(vectors)

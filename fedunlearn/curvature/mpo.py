@@ -422,19 +422,3 @@ def lanczos_extremes(matvec, dim: int, dtype: torch.dtype, steps: int = 40, seed
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     ritz = torch.linalg.eigvalsh(tridiagonal)
     return float(ritz[0]), float(ritz[-1])
-
-
-def spectral_norm_estimate(matvec, rmatvec, dim: int, dtype: torch.dtype, iters: int = 30, seed: int = 0) -> float:
-    """||E||_2 by power iteration on E^T E (a lower estimate that tightens with ``iters``)."""
-    generator = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, generator=generator, dtype=dtype)
-    v /= torch.linalg.vector_norm(v)
-    estimate = 0.0
-    for _ in range(iters):
-        w = rmatvec(matvec(v))
-        norm = float(torch.linalg.vector_norm(w))
-        if norm == 0:
-            return 0.0
-        estimate = math.sqrt(norm)
-        v = w / norm
-    return estimate

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedunlearn.errors import ConfigError
+from fedunlearn.training import streamed_accuracy
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
@@ -68,13 +69,10 @@ def triggered_test_set(test: TensorDataset, trigger: Trigger, target_class: int)
     return TensorDataset(trigger.stamp(images[keep]), labels[keep])
 
 
-@torch.no_grad()
 def attack_success_rate(model: torch.nn.Module, triggered: TensorDataset, target_class: int, device: torch.device) -> float:
+    """Fraction of ``triggered`` the model classifies as ``target_class`` (0 for an empty set)."""
     model.eval()
-    hits, total = 0, 0
-    images, _ = triggered.tensors
-    for start in range(0, len(images), 512):
-        predictions = model(images[start : start + 512].to(device)).argmax(dim=1)
-        hits += int((predictions == target_class).sum())
-        total += len(predictions)
-    return hits / max(total, 1)
+    # Slices, not a DataLoader: a DataLoader draws from torch's global generator on every pass.
+    images, labels = triggered.tensors
+    batches = [(images[start : start + 512], labels[start : start + 512]) for start in range(0, len(images), 512)]
+    return streamed_accuracy(model, batches, device, target_class=target_class)

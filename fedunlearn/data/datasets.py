@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from fedunlearn.data import mnist1d
 from fedunlearn.errors import ConfigError
+from fedunlearn.files import atomic_open
 
 DIGITS_SPLIT_SEED = 0  # fixed, not the run's seed: every run sees the same test set
 DIGITS_TEST_FRACTION = 0.2
@@ -101,9 +102,8 @@ def _unpack_gzipped_idx(name: str, data_dir: Path) -> None:
         target = data_dir / folder / file
         packed = target.with_name(target.name + ".gz")
         if not target.exists() and packed.exists():
-            with gzip.open(packed, "rb") as source, open(target.with_suffix(".part"), "wb") as sink:
+            with gzip.open(packed, "rb") as source, atomic_open(target) as sink:
                 shutil.copyfileobj(source, sink)
-            target.with_suffix(".part").rename(target)
 
 
 def _require_files(name: str, data_dir: Path, download: bool) -> None:

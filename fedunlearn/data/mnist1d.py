@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedunlearn.errors import ConfigError
+from fedunlearn.files import atomic_savez
 
 MNIST1D_DEFAULT_SAMPLES = 20_000
 MNIST1D_MIN_SAMPLES = 100
@@ -77,10 +77,7 @@ def load_mnist1d_arrays(samples: int = MNIST1D_DEFAULT_SAMPLES) -> dict[str, np.
         with np.load(path) as stored:
             return {name: stored[name] for name in stored.files}
     arrays = _generate(samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Several processes may generate at once (the CLI, then Ray actors): each writes its own file
     # and renames it into place, so a reader never sees a half-written one.
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(partial, **arrays)
-    partial.replace(path)
+    atomic_savez(path, arrays)
     return arrays

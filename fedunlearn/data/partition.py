@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedunlearn.errors import ConfigError
+from fedunlearn.files import atomic_savez
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,7 @@ def _load_or_compute_dirichlet(label_bytes: bytes, labels: np.ndarray, *settings
             return [stored[f"client_{client}"] for client in range(len(stored.files))]
     parts = _dirichlet(labels, *settings)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(partial, **{f"client_{client}": rows for client, rows in enumerate(parts)})
-        partial.replace(path)
+        atomic_savez(path, {f"client_{client}": rows for client, rows in enumerate(parts)})
     return parts
 
 

@@ -4,7 +4,7 @@
 (:data:`METRIC_KEYS`); the functions below it are usable on their own. Definitions: docs/metrics.md.
 """
 
-from fedunlearn.metrics.evaluation import (
+from fedunlearn.metrics.evaluator import (
     METRIC_KEYS,
     MIA_KEYS,
     RETRAIN_KEYS,
@@ -16,7 +16,6 @@ from fedunlearn.metrics.functional import (
     CF_MIN_DENOMINATOR,
     accuracy,
     causal_faithfulness,
-    json_ready,
     kl_divergence,
     logit_mse,
     model_outputs,
@@ -42,7 +41,6 @@ __all__ = [
     "CF_MIN_DENOMINATOR",
     "accuracy",
     "causal_faithfulness",
-    "json_ready",
     "kl_divergence",
     "logit_mse",
     "model_outputs",

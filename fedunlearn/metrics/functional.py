@@ -12,7 +12,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from fedunlearn.training import batch_outputs
 
 # Below this |Acc(original) - Acc(retrain)| (a fraction, 1e-3 = 0.1 percentage point) CF is noise
 # divided by noise; the paper's own denominator was 0.0097 (§5.3, App. A.11).
@@ -39,8 +41,8 @@ def model_outputs(
     model.to(device).eval()
     logits, labels = [], []
     try:
-        for inputs, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            logits.append(model(inputs.to(device)).float().cpu())
+        for batch_logits, targets in batch_outputs(model, dataset, device, batch_size):
+            logits.append(batch_logits.float().cpu())
             labels.append(targets.cpu())
     finally:
         model.train(was_training)
@@ -148,10 +150,3 @@ def causal_faithfulness(
         return math.nan
     return (original_accuracy - unlearned_accuracy) / denominator
 
-
-def json_ready(metrics: dict) -> dict:
-    """The same dict with NaN and infinities replaced by None, so ``json.dumps`` writes null."""
-    return {
-        key: (None if isinstance(value, float) and not math.isfinite(value) else value)
-        for key, value in metrics.items()
-    }

@@ -54,9 +54,4 @@ def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Modu
     return builder(input_shape, int(num_classes))
 
 
-def l2_penalty(model: nn.Module) -> float:
-    """The L2 coefficient a model carries into its training objective (0 for most)."""
-    return float(getattr(model, "l2", 0.0))
-
-
-__all__ = ["MODEL_BUILDERS", "IMAGE_ONLY", "build_model", "models_for", "l2_penalty", "InputShape"]
+__all__ = ["MODEL_BUILDERS", "IMAGE_ONLY", "build_model", "models_for", "InputShape"]

@@ -1,44 +1,35 @@
-"""Unlearning methods behind one registry: adding a method is one module and one line here."""
+"""Unlearning methods behind one registry (:mod:`fedunlearn.unlearning.registry`).
+
+A method is one module in :mod:`fedunlearn.unlearning.methods`; the seam it implements is in
+:mod:`fedunlearn.unlearning.api`. Adding a method adds one file there, nothing else.
+"""
 
 from __future__ import annotations
 
-from fedunlearn.errors import ConfigError
-from fedunlearn.unlearning.base import ClientSideMethod, ClientUpdate, RemainingClients, ServerSideMethod, ServerUpdate
-from fedunlearn.unlearning.federaser import FedEraser
-from fedunlearn.unlearning.fisher import FisherForgetting
-from fedunlearn.unlearning.gradient_ascent import NaiveGradientAscent
-from fedunlearn.unlearning.hf_kcu import HFKCU
-from fedunlearn.unlearning.hf_kcu_global import HFKCUGlobal
-from fedunlearn.unlearning.sisa import SISA
-from fedunlearn.unlearning.tensorunlearn import TensorUnlearn
-
-METHODS: dict[str, ClientSideMethod | ServerSideMethod] = {
-    "hf-kcu": HFKCU(),
-    "hf-kcu-global": HFKCUGlobal(),
-    "kfac": TensorUnlearn("kfac", solver="kfac"),
-    "kfac-mpo": TensorUnlearn("kfac-mpo", solver="kfac-mpo"),
-    "naive-ga": NaiveGradientAscent(),
-    "fisher": FisherForgetting(),
-    "federaser": FedEraser(),
-    "sisa": SISA(),
-}
-
-
-def get_method(name: str) -> ClientSideMethod | ServerSideMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError("unlearn-methods", name, sorted(METHODS)) from None
-
-
-def parse_methods(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    for name in names:
-        get_method(name)
-    return names
-
+from fedunlearn.unlearning.api import (
+    ClientContext,
+    ClientUpdate,
+    Deletion,
+    Every,
+    FederationPort,
+    Method,
+    Outcome,
+    RemainingClients,
+    Requirements,
+    ServerUpdate,
+    TrainingHook,
+)
+from fedunlearn.unlearning.registry import (
+    client_queries,
+    create_method,
+    method_class,
+    method_classes,
+    parse_methods,
+    register,
+)
 
 __all__ = [
-    "METHODS", "ClientSideMethod", "ClientUpdate", "RemainingClients", "ServerSideMethod", "ServerUpdate",
-    "get_method", "parse_methods",
+    "ClientContext", "ClientUpdate", "Deletion", "Every", "FederationPort", "Method", "Outcome", "RemainingClients",
+    "Requirements", "ServerUpdate", "TrainingHook", "client_queries", "create_method", "method_class",
+    "method_classes", "parse_methods", "register",
 ]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from fedunlearn.curvature import Batches, inverse_from_config, resolve_param_names
-from fedunlearn.unlearning.base import ClientUpdate
+from fedunlearn.unlearning.api import ClientUpdate
 from fedunlearn.unlearning.objective import count_examples, objective_gradient, regularizer_curvature
 
 
@@ -44,7 +44,7 @@ def influence_step(
     # The regulariser's curvature (logreg's L2) joins the damping: the products here are of the data loss.
     solver_config = dict(config, damping=config["damping"] + regularizer_curvature(model))
     inverse = inverse_from_config(model, forget_batches, solver_config, param_names=names, solver=solver)
-    step = inverse.apply(forget_gradient)
+    step = inverse @ forget_gradient
     delta = [influence_weight * part for part in step]
     diagnostics = dict(inverse.diagnostics)
     diagnostics["solve_seconds"] = time.perf_counter() - start

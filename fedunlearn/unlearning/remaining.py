@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn as nn
 from torch import Tensor
 
-from fedunlearn.unlearning.fisher import diagonal_fisher
+from fedunlearn.unlearning.methods.fisher import diagonal_fisher
 from fedunlearn.unlearning.objective import count_examples, objective_curvature_product, objective_gradient
 
 

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
 
-State = dict[str, Tensor]
+from fedunlearn.config import ConfigKey, positive_int, unit_interval
+from fedunlearn.errors import UnlearningFailed
+from fedunlearn.unlearning.api import TRAIN, Deletion, Every, FederationPort, Method, Outcome, Requirements, State
+from fedunlearn.unlearning.history import StoredRound, storage_bytes
+from fedunlearn.unlearning.registry import register
 
-
-@dataclass
-class StoredRound:
-    global_state: State
-    client_updates: dict[int, State] = field(default_factory=dict)
+# Calibration rounds are numbered past any training round so their shuffling seeds stay distinct.
+CALIBRATION_ROUND_BASE = 1_000_000
 
 
 class ReplayClients(Protocol):
@@ -37,15 +36,6 @@ class ReplayClients(Protocol):
     def calibrate(self, state: State, epochs: int) -> dict[int, State]: ...
 
     def sizes(self) -> dict[int, int]: ...
-
-
-def storage_bytes(stored: Mapping[int, StoredRound]) -> int:
-    return sum(
-        tensor.numel() * tensor.element_size()
-        for entry in stored.values()
-        for update in entry.client_updates.values()
-        for tensor in update.values()
-    )
 
 
 def calibrated_update(stored_update: State, fresh_update: State) -> State:
@@ -89,7 +79,44 @@ def replay(
     }
 
 
-class FedEraser:
-    name = "federaser"
-    runs_on = "replay"  # needs the server's stored training updates and calibration rounds
-    needs_stored_updates = True
+class _PortReplayClients:
+    """FedEraser's calibration training: a ``train`` round with fewer local epochs, remaining clients only."""
+
+    def __init__(self, port: FederationPort, remaining: Sequence[int]):
+        self.port, self.remaining = port, sorted(remaining)
+        self.rounds = 0
+
+    def sizes(self) -> dict[int, int]:
+        return {k: info.num_examples for k, info in self.port.clients.items()}
+
+    def calibrate(self, state: State, epochs: int) -> dict[int, State]:
+        self.rounds += 1
+        config = {"server-round": CALIBRATION_ROUND_BASE + self.rounds, "local-epochs": epochs}
+        replies = self.port.send(TRAIN, self.remaining, {"arrays": state}, config)
+        return {k: reply.arrays["arrays"] for k, reply in replies.items()}
+
+
+@register("federaser")
+class FedEraser(Method):
+    summary = "replay of the stored rounds with calibrated updates of the remaining clients"
+    requirements = Requirements(round_history=Every("federaser-interval"))
+    config_keys = (
+        ConfigKey("federaser-interval", 2, "federaser: store every client's update every this many rounds (Δt).", check=positive_int),
+        ConfigKey("federaser-calibration-ratio", 0.5, "federaser: calibration epochs as a share of local-epochs (the paper's 0.5).", check=unit_interval),
+    )
+
+    def unlearn(self, port: FederationPort, deletion: Deletion) -> Outcome:
+        stored = port.history(self.requirements.round_history)
+        if not stored:
+            raise UnlearningFailed("federaser: no training updates were stored (it must be listed before training starts)")
+        remaining = port.remaining(deletion)
+        clients = _PortReplayClients(port, remaining)
+        epochs = max(1, round(self.config["federaser-calibration-ratio"] * self.config["local-epochs"]))
+        state, diagnostics = replay(stored, remaining, clients, epochs)
+        return Outcome(
+            state=state,
+            affected_clients=sorted(deletion.forget_clients),
+            communication_rounds=clients.rounds,
+            details=diagnostics,
+            headline={"storage_bytes": diagnostics["storage_bytes"]},
+        )

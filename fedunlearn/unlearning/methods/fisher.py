@@ -13,7 +13,6 @@ deleted data needed move a lot. Federated: each remaining client returns its loc
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,10 @@ from torch import Tensor
 
 from fedunlearn.curvature import Batches, resolve_param_names
 from fedunlearn.training import derive_seed
-from fedunlearn.unlearning.base import RemainingClients, ServerUpdate
+from fedunlearn.config import ConfigKey, positive_float
+from fedunlearn.unlearning.api import RemainingClients, Requirements, ServerUpdate
+from fedunlearn.unlearning.server_side import ServerSideMethod
+from fedunlearn.unlearning.registry import client_query, register
 from fedunlearn.unlearning.objective import per_example_cross_entropy_gradients
 
 INVERSE_FISHER_CAP = 1e3
@@ -52,11 +54,22 @@ def diagonal_fisher(model: nn.Module, names, batches: Batches) -> list[Tensor]:
     return [total[name] / max(count, 1) for name in names]
 
 
-class FisherForgetting:
-    name = "fisher"
-    runs_on = "server"
+@client_query("fisher")
+def _fisher_query(model: nn.Module, names, batches: Batches, message_config, vector) -> list[Tensor]:
+    """``query.fisher``: this client's diagonal Fisher at the model sent."""
+    return diagonal_fisher(model, names, batches)
 
-    def solve(self, model: nn.Module, remaining: RemainingClients, config: dict[str, Any]) -> ServerUpdate:
+
+@register("fisher")
+class FisherForgetting(ServerSideMethod):
+    summary = "Gaussian noise with the remaining clients' inverse diagonal Fisher as variance"
+    requirements = Requirements(client_queries=("fisher",))
+    config_keys = (
+        ConfigKey("fisher-alpha", 1e-6, "fisher: α scaling the inverse-Fisher noise variance (Golatkar et al.'s default).", check=positive_float),
+    )
+
+    def server_step(self, model: nn.Module, remaining: RemainingClients) -> ServerUpdate:
+        config = self.config
         start = time.perf_counter()
         names = resolve_param_names(model)
         fisher = remaining.diagonal_fisher(names)

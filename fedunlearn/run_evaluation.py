@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from fedunlearn.data.backdoor import attack_success_rate, trigger_for, triggered_test_set
 from fedunlearn.federation import Federation
-from fedunlearn.metrics import MembershipInference, UnlearningEvaluator, json_ready
-from fedunlearn.metrics.evaluation import MIA_KEYS
-from fedunlearn.training import LocalTrainingConfig, derive_seed, evaluate
+from fedunlearn.files import json_ready
+from fedunlearn.metrics import MembershipInference, UnlearningEvaluator
+from fedunlearn.metrics.evaluator import MIA_KEYS
+from fedunlearn.training import LocalTrainingConfig, derive_seed, loss_and_accuracy, streamed_accuracy
 
 
 def forget_and_retain_sets(federation: Federation, forget_clients: list[int]) -> tuple[Subset | None, Subset]:
@@ -45,9 +46,9 @@ def evaluate_models(
     if forget_set is None or "retrain" not in states:
         # Nothing deleted: the trained model's own scores only.
         model.load_state_dict(states["original"])
-        test = evaluate(model, federation.data.test, device)
+        test = loss_and_accuracy(model, federation.data.test, device)
         return {"original": {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                             "retain_accuracy": evaluate(model, retain_set, device)["accuracy"]}}
+                             "retain_accuracy": loss_and_accuracy(model, retain_set, device)["accuracy"]}}
 
     original = federation.new_model().to(device)
     original.load_state_dict(states["original"])
@@ -77,7 +78,7 @@ def evaluate_models(
             # A diverged model (naive-ga's collapse) has infinite losses: the attack has nothing to rank.
             scores[name] = json_ready(evaluator.compare(predictor.to(device)))
             scores[name].update({key: None for key in MIA_KEYS}, mia_note=str(error))
-        scores[name]["test_loss"] = evaluate(predictor, federation.data.test, device)["loss"]
+        scores[name]["test_loss"] = loss_and_accuracy(predictor, federation.data.test, device)["loss"]
 
     scores: dict[str, dict[str, Any]] = {}
     for name, state in states.items():
@@ -93,15 +94,10 @@ def evaluate_models(
     return scores
 
 
-@torch.no_grad()
 def vote_accuracy(ensemble: nn.Module, dataset, device: torch.device) -> float:
     """Accuracy of the ensemble's majority vote (the main keys use its mean probability)."""
     ensemble.to(device).eval()
-    correct = total = 0
-    for inputs, targets in DataLoader(dataset, batch_size=512):
-        correct += int((ensemble.vote(inputs.to(device)).cpu() == targets).sum())
-        total += len(targets)
-    return correct / total
+    return streamed_accuracy(ensemble.vote, dataset, device)
 
 
 def add_attack_success_rates(federation, model, states, scores, device, config, predictors) -> None:

@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from fedunlearn.files import json_ready
 from fedunlearn.metrics.functional import (
     CF_MIN_DENOMINATOR,
     _require_examples,
     accuracy,
     causal_faithfulness,
-    json_ready,
     kl_divergence,
     logit_mse,
     model_outputs,
@@ -150,26 +150,7 @@ def _retrain_comparison(
     }
 
 
-def evaluate_model(
-    model: nn.Module,
-    *,
-    original: nn.Module,
-    retrained: nn.Module,
-    test_set: Dataset,
-    forget_set: Dataset,
-    retain_set: Dataset,
-    device: torch.device | str = "cpu",
-    membership: MembershipInference | None = None,
-    mia_nonmembers: Dataset | None = None,
-) -> dict[str, Any]:
-    """One-off :meth:`UnlearningEvaluator.evaluate`; build the evaluator yourself for several models."""
-    return UnlearningEvaluator(
-        original=original,
-        retrained=retrained,
-        test_set=test_set,
-        forget_set=forget_set,
-        retain_set=retain_set,
-        device=device,
-        membership=membership,
-        mia_nonmembers=mia_nonmembers,
-    ).evaluate(model)
+def evaluate_model(model: nn.Module, **evaluator_arguments: Any) -> dict[str, Any]:
+    """One-off :meth:`UnlearningEvaluator.evaluate` (``evaluator_arguments``: the evaluator's keywords);
+    build the evaluator yourself for several models."""
+    return UnlearningEvaluator(**evaluator_arguments).evaluate(model)

@@ -14,8 +14,11 @@ import torch.nn as nn
 
 from fedunlearn.curvature import Batches, certificate, kronecker_inverse_gap, resolve_param_names
 from fedunlearn.training import derive_seed
-from fedunlearn.unlearning.base import ClientUpdate
+from fedunlearn.config import ConfigKey, non_negative_float, open_unit_interval
+from fedunlearn.unlearning.api import ClientContext, ClientUpdate
+from fedunlearn.unlearning.client_side import ClientSideMethod
 from fedunlearn.unlearning.influence import influence_step, norm_of
+from fedunlearn.unlearning.registry import register
 from fedunlearn.unlearning.objective import (
     per_example_cross_entropy_gradients,
     regularizer_curvature,
@@ -70,18 +73,22 @@ def kfac_inverse_gap(diagnostics: dict[str, Any], damping: float) -> float | Non
     return gamma
 
 
-class TensorUnlearn:
-    runs_on = "client"
+class TensorUnlearn(ClientSideMethod):
+    """The influence step with the KFAC inverse (``solver``), noise and the certificate."""
 
-    def __init__(self, name: str, solver: str):
-        self.name, self.solver = name, solver
+    solver = "kfac"
+    config_keys = (
+        ConfigKey("noise-sigma", 0.0, "Gaussian noise σ added to each kfac update (TensorUnlearn); > 0 gives a certified ε.", check=non_negative_float),
+        ConfigKey("delta", 1e-5, "δ of the (ε, δ) certificate.", check=open_unit_interval),
+    )
 
-    def solve(self, model: nn.Module, forget_batches: Batches, influence_weight: float, config: dict[str, Any]) -> ClientUpdate:
-        update, forget_gradient = influence_step(model, forget_batches, influence_weight, config, solver=self.solver)
+    def solve(self, model: nn.Module, forget_batches: Batches, context: ClientContext) -> ClientUpdate:
+        config = self.config
+        update, forget_gradient = influence_step(model, forget_batches, context.influence_weight, config, solver=self.solver)
         sigma = float(config["noise-sigma"])
         certificate_info: dict[str, Any] = {"noise_sigma": sigma, "delta": float(config["delta"])}
         if sigma > 0:
-            generator = torch.Generator().manual_seed(derive_seed(config["seed"], "noise", config.get("partition-id", 0)))
+            generator = torch.Generator().manual_seed(derive_seed(context.seed, "noise", context.partition_id))
             # Drawn on the CPU so a seed gives the same noise on every device.
             update.delta = [d + sigma * torch.randn(d.shape, generator=generator, dtype=d.dtype).to(d.device) for d in update.delta]
             strong_convexity = float(config["damping"]) + regularizer_curvature(model)
@@ -91,7 +98,7 @@ class TensorUnlearn:
             else:
                 sensitivity = certificate.sensitivity(
                     num_forget=update.num_forget_examples,
-                    num_total=int(config["num-total-examples"]),
+                    num_total=context.total_examples,
                     max_forget_grad_norm=max_per_sample_gradient_norm(model, forget_batches),
                     strong_convexity=strong_convexity,
                     gamma=gamma,
@@ -103,3 +110,15 @@ class TensorUnlearn:
             certificate_info["epsilon_reason"] = "noise-sigma = 0: no noise, no certificate"
         update.diagnostics["certificate"] = certificate_info
         return update
+
+
+@register("kfac")
+class KFACUnlearn(TensorUnlearn):
+    summary = "TensorUnlearn: KFAC inverse on the affected client (factor-solver per factor), noise, (ε, δ)"
+    solver = "kfac"
+
+
+@register("kfac-mpo")
+class KFACMPOUnlearn(TensorUnlearn):
+    summary = "TensorUnlearn with MPO (TT-SVD + ALS) inverses for factors wider than mpo-threshold"
+    solver = "kfac-mpo"

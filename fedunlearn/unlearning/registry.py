@@ -1,0 +1,93 @@
+"""The method registry: every module in :mod:`fedunlearn.unlearning.methods` registers its class
+with ``@register("name")``; the modules are found by listing that package, so adding a method is
+adding one file there (and its test), nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fedunlearn.errors import ConfigError
+from fedunlearn.unlearning.api import Method
+
+_METHODS: dict[str, type[Method]] = {}
+_QUERIES: dict[str, Callable] = {}
+_loaded = False
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register("hf-kcu") class HFKCU(ClientSideMethod): ...``."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"two unlearning methods are registered as {name!r}: {_METHODS[name]} and {cls}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def client_query(kind: str) -> Callable[[Callable], Callable]:
+    """Function decorator: a ``query.<kind>`` the clients answer with ``function(model, names, batches, message_config)``."""
+
+    def decorate(function: Callable) -> Callable:
+        _QUERIES[kind] = function
+        return function
+
+    return decorate
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from fedunlearn.unlearning import methods
+
+    for module in sorted(pkgutil.iter_modules(methods.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{methods.__name__}.{module.name}")
+
+
+def method_classes() -> Mapping[str, type[Method]]:
+    _load()
+    return dict(sorted(_METHODS.items()))
+
+
+def method_class(name: str) -> type[Method]:
+    classes = method_classes()
+    try:
+        return classes[name]
+    except KeyError:
+        raise ConfigError("unlearn-methods", name, sorted(classes)) from None
+
+
+def create_method(name: str, config: Mapping[str, Any]) -> Method:
+    """A fresh instance for one job (methods may keep state across training and unlearning)."""
+    return method_class(name)(config)
+
+
+def client_queries() -> Mapping[str, Callable]:
+    _load()
+    return dict(_QUERIES)
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        method_class(name)
+    return names
+
+
+def method_config_keys() -> list:
+    """Every method's own run-config keys, in method order (deduplicated by name)."""
+    seen, keys = set(), []
+    for cls in method_classes().values():
+        for key in cls.config_keys:
+            if key.name not in seen:
+                seen.add(key.name)
+                keys.append(key)
+    return keys
