@@ -1,4 +1,4 @@
-"""``fedunlearn`` command line: ``run``, ``presets``, ``keys``.
+"""``fedunlearn`` command line: ``run``, ``presets``, ``methods``, ``keys``.
 
 Bad input (unknown key, bad value, missing data) prints one line naming the key, the value and the
 valid choices, and exits with code 2 before anything is written.
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default: runs/<preset>-<time>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     commands.add_parser("presets", help="list the presets in simulations/")
+    commands.add_parser("methods", help="list the unlearning methods, what each needs and its own keys")
     commands.add_parser("keys", help="list every run-config key with its default and valid values")
     return parser
 
@@ -82,6 +83,13 @@ def _command_presets(_: argparse.Namespace) -> int:
     return 0
 
 
+def _command_methods(_: argparse.Namespace) -> int:
+    from fedunlearn.unlearning.registry import describe_methods
+
+    sys.stdout.write(describe_methods())
+    return 0
+
+
 def _command_keys(_: argparse.Namespace) -> int:
     sys.stdout.write(run_config.markdown_table())
     return 0
@@ -89,7 +97,7 @@ def _command_keys(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _command_run, "presets": _command_presets, "keys": _command_keys}
+    handlers = {"run": _command_run, "presets": _command_presets, "methods": _command_methods, "keys": _command_keys}
     try:
         return handlers[args.command](args)
     except ConfigError as error:

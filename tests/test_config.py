@@ -101,3 +101,17 @@ def test_a_missing_request_file_is_bad_input_before_anything_runs(run_cli, tmp_p
     result = run_cli("run", "--run-config", f"deletion-requests='{tmp_path / 'nope.json'}'", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "deletion-requests" in result.stderr and "file not found" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_every_method_declares_a_summary_and_its_keys_reach_the_schema_and_the_cli_listing():
+    from fedunlearn.cli import main
+    from fedunlearn.unlearning.registry import describe_methods, method_classes
+
+    schema = {key.name for key in run_config.keys()}
+    listing = describe_methods()
+    for name, cls in method_classes().items():
+        assert cls.summary, f"{name} has no summary"
+        assert f"{name}: {cls.summary}" in listing
+        for key in cls.config_keys:
+            assert key.name in schema and run_config.defaults()[key.name] == key.default
+    assert main(["methods"]) == 0

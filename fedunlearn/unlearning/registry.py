@@ -91,3 +91,26 @@ def method_config_keys() -> list:
                 seen.add(key.name)
                 keys.append(key)
     return keys
+
+
+def describe_methods() -> str:
+    """One paragraph per method: name, what it does, what it needs of training and the federation, its keys."""
+    lines = []
+    for name, cls in method_classes().items():
+        needs = []
+        requirements = cls.requirements
+        if requirements.round_history is not None:
+            every = requirements.round_history.interval_key
+            needs.append(f"round history ({'every round' if every is None else 'every ' + every + ' rounds'})")
+        if requirements.trains_constituents:
+            needs.append("trains its own models after training")
+        if requirements.per_round_statistics:
+            needs.append("statistics every round")
+        if requirements.client_solve:
+            needs.append("solves on the affected clients (train.unlearn)")
+        needs += [f"query.{kind} to the remaining clients" for kind in requirements.client_queries]
+        lines.append(f"{name}: {cls.summary or cls.__doc__ or ''}".rstrip())
+        lines.append(f"    needs: {'; '.join(needs) or 'the trained model only'}")
+        if cls.config_keys:
+            lines.append(f"    keys: {', '.join(key.name for key in cls.config_keys)}")
+    return "\n".join(lines) + "\n"
