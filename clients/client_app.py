@@ -26,8 +26,14 @@ from fedunlearn.unlearning import ClientContext, client_queries, create_method
 from fedunlearn.unlearning.objective import batches_of
 
 
-def _federation_for(context: Context, bound_config: dict[str, Any] | None) -> tuple[Federation, int]:
+RUN_OVERRIDES = "run-overrides"
+
+
+def _federation_for(context: Context, bound_config: dict[str, Any] | None, message: Message | None = None) -> tuple[Federation, int]:
     config = bound_config if bound_config is not None else run_config.resolve(context.run_config)
+    if message is not None and "config" in message.content and RUN_OVERRIDES in message.content["config"]:
+        # One job, several runs (seeds, each client deleted in turn): the server says which run this is.
+        config = run_config.resolve(config, json.loads(str(message.content["config"][RUN_OVERRIDES])))
     if "data-dir" in context.node_config:
         # On a deployment each data holder keeps its data where it likes (flower-supernode
         # --node-config); the run config's data-dir, the same for every node, is only the default.
@@ -35,6 +41,13 @@ def _federation_for(context: Context, bound_config: dict[str, Any] | None) -> tu
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     return build_federation(config, num_partitions=num_partitions), partition_id
+
+
+def _shuffling_seed(seed: int, server_round: int, partition_id: int, message: Message) -> int:
+    """The local shuffling seed; a ``shuffle-salt`` in the message gives other training randomness
+    on the same data (the noise floor's second retrain)."""
+    salt = message.content["config"].get("shuffle-salt", "") if "config" in message.content else ""
+    return derive_seed(seed, "train", server_round, partition_id, *([str(salt)] if salt else []))
 
 
 def _client_identity(partition_id: int) -> ConfigRecord:
@@ -48,7 +61,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
     @app.query("identify")
     def identify(message: Message, context: Context) -> Message:
         """Tell the server which partition this node holds (it routes deletions by it)."""
-        federation, partition_id = _federation_for(context, bound_config)
+        federation, partition_id = _federation_for(context, bound_config, message)
         histogram = federation.partitioning.label_histogram(partition_id, federation.data.train_labels, federation.data.num_classes)
         record = _client_identity(partition_id)
         record["num-examples"] = len(federation.partitioning.rows_of(partition_id))
@@ -57,13 +70,13 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        federation, partition_id = _federation_for(context, bound_config)
+        federation, partition_id = _federation_for(context, bound_config, message)
         config = federation.config
         server_round = int(message.content["config"]["server-round"])
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         local_data = federation.client_data(partition_id)
-        settings = federation.local_training
+        settings = federation.local_training_for(server_round)  # lr-decay: the lr of this round
         if "local-epochs" in message.content["config"]:  # FedEraser's shorter calibration training
             settings = replace(settings, epochs=int(message.content["config"]["local-epochs"]))
         device = resolve_device(config["device"])
@@ -72,7 +85,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
             local_data,
             settings,
             device,
-            seed=derive_seed(config["seed"], "train", server_round, partition_id),
+            seed=_shuffling_seed(config["seed"], server_round, partition_id, message),
         )
         identity = _client_identity(partition_id)
         # device=auto resolves on each node, and Ray decides which GPUs a client sees: the reply says
@@ -89,7 +102,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate_local(message: Message, context: Context) -> Message:
-        federation, partition_id = _federation_for(context, bound_config)
+        federation, partition_id = _federation_for(context, bound_config, message)
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())
         local_data = federation.client_data(partition_id)
@@ -107,7 +120,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
     @app.train("unlearn")
     def unlearn(message: Message, context: Context) -> Message:
         """Run the requested method on this client's own data (all of it: client-grain deletion)."""
-        federation, partition_id = _federation_for(context, bound_config)
+        federation, partition_id = _federation_for(context, bound_config, message)
         request = message.content["config"]
         method = create_method(str(request["method"]), federation.config)
         device = resolve_device(federation.config["device"])
@@ -148,7 +161,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
 
     def answer_query(compute, message: Message, context: Context) -> Message:
         """``query.<kind>``: the registered query function on this client's data at the model sent."""
-        federation, partition_id = _federation_for(context, bound_config)
+        federation, partition_id = _federation_for(context, bound_config, message)
         device = resolve_device(federation.config["device"])
         model = federation.new_model()
         model.load_state_dict(message.content["arrays"].to_torch_state_dict())

@@ -59,6 +59,29 @@ unit_interval = _range("a number in (0, 1]", lambda v: 0 < v <= 1)
 closed_unit_interval = _range("a number in [0, 1]", lambda v: 0 <= v <= 1)
 momentum_range = _range("a number in [0, 1)", lambda v: 0 <= v < 1)
 
+def _parse_seeds_ok(value: str) -> bool:
+    text = str(value).strip()
+    if not text:
+        return True
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        return False
+    return int(parts[0]) >= 1 if len(parts) == 1 else True
+
+
+def seed_list(config: Mapping[str, Any]) -> list[int]:
+    """The seeds a run covers: ``seeds`` = n gives seed..seed+n-1, a comma list gives those; empty: [seed]."""
+    text = str(config.get("seeds", "")).strip()
+    if not text:
+        return [int(config["seed"])]
+    parts = [int(part) for part in text.split(",")]
+    if len(parts) == 1:
+        return list(range(int(config["seed"]), int(config["seed"]) + parts[0]))
+    if len(set(parts)) != len(parts):
+        raise ConfigError("seeds", text, "distinct seeds")
+    return parts
+
+
 def _method_list(value: Any) -> str | None:
     from fedunlearn.unlearning.registry import method_classes
 
@@ -127,6 +150,13 @@ CORE_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("trigger-position", "bottom-right", "Corner of the trigger.", ("bottom-right", "bottom-left", "top-right", "top-left")),
     ConfigKey("mia-shadows", 2, "Shadow models of the membership-inference attack (0: loss-threshold attack only).", check=non_negative_int),
     ConfigKey("mia-shadow-epochs", 20, "Epochs each shadow model trains on its half of the remaining clients' data.", check=positive_int),
+    ConfigKey("seeds", "", "Run the whole job once per seed and report mean ± 95 % CI: a count n (seeds seed..seed+n-1) or a comma list of seeds; empty: just seed.", check=_range("empty, a count >= 1 or a comma list of integers >= 0", lambda v: _parse_seeds_ok(v))),
+    ConfigKey("forget-each-client", False, "Run the job once per client, deleting each in turn (forget-clients is ignored), and average (with seeds: every seed x client)."),
+    ConfigKey("noise-floor", True, "Retrain a second oracle that differs only in training randomness (shuffling and sampling): its distance to the first is the floor every distance is read against."),
+    ConfigKey("forget-share", 0.0, "Share of the training set the first client of forget-clients holds (stratified); the others split the rest; 0: the partition decides.", check=_range("a number in [0, 1)", lambda v: 0 <= v < 1)),
+    ConfigKey("exclusive-class", -1, "A class whose every training example goes to the first client of forget-clients and to no other (-1: none).", check=_range("an integer >= -1", lambda v: v >= -1)),
+    ConfigKey("lr-decay", 1.0, "Local learning rate of round t is lr * lr-decay^(t-1) (1: constant).", check=unit_interval),
+    ConfigKey("lira-shadows", 0, "U-LiRA: shadow federations (each client in half of them) for the per-example likelihood-ratio attack; 0: off. Each costs about one training run (cached).", check=_range("0 (off) or an integer >= 4", lambda v: v == 0 or v >= 4)),
     ConfigKey("retrain-cache", True, "Reuse a retrained oracle model with the same configuration from the project cache."),
 )
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedunlearn.results import RunRecord
+from fedunlearn.summary import StudyRecord
 
 console = Console()
 
@@ -48,58 +48,123 @@ def progress_over_rounds(num_rounds: int) -> Iterator[RunProgress]:
         yield RunProgress(progress, task)
 
 
+# (key, header, format, scale): accuracies are shown in percent, their gaps in points.
 SUMMARY_COLUMNS = (
-    ("test_accuracy", "test", "{:.3f}"),
-    ("forget_accuracy", "forget", "{:.3f}"),
-    ("retain_accuracy", "retain", "{:.3f}"),
-    ("kl_to_retrain", "KL", "{:.2g}"),
-    ("mia_auc", "MIA", "{:.3f}"),
-    ("asr", "ASR", "{:.3f}"),
-    ("epsilon", "ε", "{:.3g}"),
-    ("seconds", "sec", "{:.2f}"),
-    ("speedup", "speedup", "{:.1f}x"),
+    ("test_accuracy", "test", "{:.1f}", 100),
+    ("test_accuracy_gap", "Δtest", "{:+.1f}", 100),
+    ("forget_accuracy", "forget", "{:.1f}", 100),
+    ("kl_to_retrain", "KL", "short", 1),
+    ("forget_kl_to_retrain", "KL fgt", "short", 1),
+    ("mia_auc_gap", "ΔMIA", "{:+.2f}", 1),
+    ("asr", "ASR", "{:.1f}", 100),
+    ("epsilon", "ε", "short", 1),
+    ("speedup", "speedup", "times", 1),
 )
 SUMMARY_CAPTION = (
-    "test / forget / retain: accuracy on the test set, the deleted data, the other clients' data; "
-    "KL: to the retrained model on the test set (nats); MIA: membership-inference AUC of the deleted "
-    "data (0.5 = chance); ASR: backdoor attack success rate on triggered test images; sec: seconds of training (original), retraining or unlearning; speedup = retrain s / method s"
+    "test / forget: accuracy (%) on the test set / the deleted data; Δtest: test accuracy minus the retrained "
+    "model's (points; above retrain is not closer to it); KL / KL fgt: KL divergence (nats) from the retrained "
+    "model on the test set / the deleted data; ΔMIA: membership-inference AUC of the deleted data minus the "
+    "retrained model's; floor: the larger KL over the same KL between two retrains that differ only in training "
+    "randomness (retrain-2); ASR: backdoor attack success rate (%); speedup = retrain seconds / method seconds"
 )
 
 
-def _cell(values: dict[str, Any], key: str, template: str) -> str:
-    value = values.get(key)
+def _number(value: Any, template: str) -> str:
     # Undefined (null in results.json): None, or NaN before json_ready (a speedup over 0 s).
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
-    return template.format(value) if isinstance(value, (int, float)) else str(value)
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if template == "short":
+        return _short(value)
+    if template == "times":
+        return _times(value)
+    return template.format(value)
 
 
-def print_summary(record: RunRecord) -> None:
-    config = record.config
+def _short(value: float) -> str:
+    """Two significant digits in at most six characters: 0.058, 12, 1.3e-4."""
+    if value == 0:
+        return "0"
+    if 0.01 <= abs(value) < 1000:
+        return f"{value:.2g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _times(value: float) -> str:
+    return f"{value:.0f}x" if abs(value) >= 10 else f"{value:.1f}x"
+
+
+def _cell(statistics: dict[str, Any] | None, template: str, scale: float) -> str:
+    """``mean`` for one run; ``mean`` over ``±ci95`` for several."""
+    if statistics is None:
+        return "–"
+    text = _number(_scaled(statistics["mean"], scale), template)
+    if statistics["n"] > 1 and statistics["ci95"] is not None:
+        text += "\n±" + _number(_scaled(statistics["ci95"], scale), template.replace("+", ""))
+    return text
+
+
+def _scaled(value: Any, scale: float) -> Any:
+    return value * scale if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _floor(entry: dict[str, Any]) -> str:
+    ratios = [entry["floors"].get(metric) for metric in ("kl_to_retrain", "forget_kl_to_retrain") if metric in entry["floors"]]
+    if not ratios:
+        return "–"
+    if any(ratio is None for ratio in ratios):
+        return "> 0"
+    worst = max(ratios)
+    return "within" if worst <= 1 else _times(worst)
+
+
+def print_summary(study: StudyRecord) -> None:
+    config = study.config
+    summary = study.summary
+    runs = summary["runs"]
+    scope = "1 run, single seed" if runs == 1 else f"{runs} runs, mean ± 95 % CI"
+    methods = summary["methods"]
     table = Table(
-        title=f"fedunlearn: {config['model']} on {config['dataset']}, {config['num-clients']} clients",
-        caption=SUMMARY_CAPTION if len(record.methods) > 1 else None,
+        title=f"fedunlearn: {config['model']} on {config['dataset']}, {config['num-clients']} clients ({scope})",
+        caption=SUMMARY_CAPTION if len(methods) > 1 else None,
+        box=None,  # no borders: every character goes to numbers (80 columns hold the whole table)
+        padding=(0, 1),
+        header_style="bold underline",
     )
-    table.add_column("method", no_wrap=True)
     # Only columns with at least one value (ε appears once a method certifies one).
-    shown = [
-        column for column in SUMMARY_COLUMNS if any(values.get(column[0]) is not None for values in record.methods.values())
-    ]
-    for _, header, _ in shown:
-        table.add_column(header, justify="right")
-    for name, values in record.methods.items():
-        if "failed" in values:
-            table.add_row(name, f"[red]failed: {values['failed']}")
+    shown = [column for column in SUMMARY_COLUMNS if any(column[0] in entry["metrics"] for entry in methods.values())]
+    headers = ["method"] + [header for _, header, _, _ in shown] + (["floor"] if summary["noise_floor"] else [])
+    failed = {name: record.methods[name]["failed"] for _, record in study.runs for name in record.methods
+              if "failed" in record.methods[name]}
+    rows = []
+    for name, entry in methods.items():
+        if entry["runs"] == 0:
+            rows.append([name, "failed"] + [""] * (len(headers) - 2))
             continue
-        table.add_row(name, *(_cell(values, key, template) for key, _, template in shown))
+        cells = [_cell(entry["metrics"].get(key), template, scale) for key, _, template, scale in shown]
+        if summary["noise_floor"]:
+            cells.append(_floor(entry))
+        rows.append([name if not entry["failed_runs"] else f"{name} ({entry['failed_runs']} failed)", *cells])
+    # Each column as wide as its widest line, so rich never cuts a number.
+    widths = [max([len(header)] + [len(line) for row in rows for line in row[index].split("\n")])
+              for index, header in enumerate(headers)]
+    for index, (header, width) in enumerate(zip(headers, widths)):
+        table.add_column(header, justify="left" if index == 0 else "right", no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    sizes = record.partitions.get("sizes", [])
-    if sizes:
-        console.print(
-            f"partitions ({config['partition']}, alpha={config['dirichlet-alpha']}): "
-            f"sizes min {min(sizes)} / max {max(sizes)} of {sum(sizes)} training examples"
-        )
-    retrain = record.methods.get("retrain", {})
-    if retrain.get("retrain_from_cache"):
-        console.print("retrain: loaded from the cache (its seconds are those of the run that trained it)")
-    console.print(f"wall time {record.elapsed():.1f} s; results in {config['out-dir']}/results.json")
+    for name, reason in failed.items():
+        console.print(f"[red]{name} failed[/red]: {reason}")
+    for spec, record in study.runs[:1]:
+        sizes = record.partitions.get("sizes", [])
+        if sizes and runs == 1:
+            console.print(
+                f"partitions ({config['partition']}, alpha={config['dirichlet-alpha']}): "
+                f"sizes min {min(sizes)} / max {max(sizes)} of {sum(sizes)} training examples"
+            )
+        retrain = record.methods.get("retrain", {})
+        if retrain.get("retrain_from_cache") and runs == 1:
+            console.print("retrain: loaded from the cache (its seconds are those of the run that trained it)")
+    console.print(f"wall time {study.elapsed():.1f} s; results in {config['out-dir']}/results.json")

@@ -31,7 +31,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _csv_text(columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> str:
+def csv_text(columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -49,6 +49,10 @@ class RunRecord:
     partitions: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     communication: dict[str, Any] = field(default_factory=dict)
+    # Distances between two retrains that differ only in training randomness (None: not measured).
+    noise_floor: dict[str, Any] | None = None
+    # The U-LiRA shadow federations (count, clients in each, seconds, cache hits); None without them.
+    lira: dict[str, Any] | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -72,6 +76,8 @@ class RunRecord:
             "partitions": self.partitions,
             "methods": self.methods,
             "communication": self.communication,
+            "noise_floor": self.noise_floor,
+            "lira": self.lira,
             "wall_seconds": round(self.elapsed(), 3),
             "versions": library_versions(),
         }
@@ -81,12 +87,26 @@ class RunRecord:
         document = self.as_dict()
         # Strict JSON: an undefined number (CF with a zero denominator, a speedup over 0 s) is null.
         atomic_write_text(out / "results.json", json.dumps(json_ready(document), indent=2, allow_nan=False) + "\n")
-        atomic_write_text(out / "rounds.csv", _csv_text(ROUND_COLUMNS, self.rounds))
-        # One row per method; nested diagnostics stay in results.json.
-        method_rows = [
-            {"method": name, **{k: v for k, v in values.items() if not isinstance(v, (dict, list))}}
-            for name, values in self.methods.items()
-        ]
-        columns = ["method"] + sorted({key for row in method_rows for key in row if key != "method"})
-        atomic_write_text(out / "results.csv", _csv_text(columns, method_rows))
+        atomic_write_text(out / "rounds.csv", csv_text(ROUND_COLUMNS, self.rounds))
+        rows = method_rows(self.config, self.methods)
+        atomic_write_text(out / "results.csv", csv_text(csv_columns(rows), rows))
         return out / "results.json"
+
+
+# Every row of results.csv names its run, so CSVs of many runs concatenate into one table.
+RUN_COLUMNS = ("dataset", "model", "num-clients", "partition", "dirichlet-alpha", "seed", "forget-clients")
+
+
+def method_rows(config: dict[str, Any], methods: dict[str, dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    """One row per method: the run's identity, then its scalar fields (nested diagnostics stay in results.json)."""
+    identity = {key.replace("-", "_"): config[key] for key in RUN_COLUMNS}
+    return [
+        {"method": name, **identity, **extra, **{k: v for k, v in values.items() if not isinstance(v, (dict, list))}}
+        for name, values in methods.items()
+    ]
+
+
+def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
+    leading = ["method"] + [key.replace("-", "_") for key in RUN_COLUMNS]
+    present = {key for row in rows for key in row}
+    return [key for key in leading if key in present] + sorted(present - set(leading))

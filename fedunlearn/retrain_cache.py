@@ -1,14 +1,16 @@
 """Cache of retrained oracle models, keyed by a hash of everything that determines them.
 
 Retraining is the expensive reference every evaluation needs; the same configuration (data,
-partition, model, training settings, seed, deleted clients, library versions) always gives the same
-model, so a repeated run loads it instead of paying again. The cached entry keeps the seconds the
+partition, model, training settings, seed, deleted clients, library versions, the source of the code
+that trains, the device kind) always gives the same model, so a repeated run loads it instead of paying again. The cached entry keeps the seconds the
 original retraining took, so speedups stay honest.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 from importlib import metadata
@@ -18,23 +20,55 @@ from typing import Any
 import torch
 
 from fedunlearn.files import atomic_torch_save, atomic_write_text
+from fedunlearn.training import resolve_device
 
 # Keys that change the retrained model; out-dir, methods, solver settings and the like do not.
 TRAINING_KEYS = (
     "dataset", "data-dir", "mnist1d-samples", "model", "num-clients", "partition", "dirichlet-alpha", "min-partition-size",
     "local-epochs", "batch-size", "lr", "momentum", "seed", "fraction-train",
     "backdoor-client", "poison-fraction", "target-class", "trigger-size", "trigger-position",
+    "forget-share", "exclusive-class", "lr-decay",
+)
+# The code that trains a model: a change in any of these modules changes the key (their source is hashed).
+TRAINING_MODULES = (
+    "fedunlearn.training", "fedunlearn.federation", "fedunlearn.data.datasets", "fedunlearn.data.partition",
+    "fedunlearn.data.backdoor", "fedunlearn.data.mnist1d", "fedunlearn.models", "fedunlearn.models.logreg",
+    "fedunlearn.models.simple_cnn", "fedunlearn.models.resnet", "fedunlearn.models.vit_lite", "fedunlearn.models.cnn1d",
+    "strategies.fedavg", "strategies.port", "clients.client_app",
 )
 
 
+@functools.lru_cache(maxsize=1)
+def training_code_hash() -> str:
+    """SHA-256 (first 16 hex digits) over the source of :data:`TRAINING_MODULES` (those that exist)."""
+    digest = hashlib.sha256()
+    for name in TRAINING_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        digest.update(name.encode())
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in ("fedunlearn", "torch", "flwr", "flwr-datasets")}
+
+
+def training_key(config: dict[str, Any], rounds: int, **identity: Any) -> str:
+    """A hash of everything that determines a model trained with ``config``: the :data:`TRAINING_KEYS`,
+    the rounds, the library versions, and ``identity`` (JSON-ready: what else sets it apart, e.g. the
+    deleted clients of the retrained oracle, or a shadow's index and clients). Shared by every cache
+    of trained models (this one, U-LiRA's shadow federations)."""
+    content = {"config": {key: config[key] for key in TRAINING_KEYS}, "rounds": rounds, **identity,
+               "versions": library_versions(), "code": training_code_hash(),
+               # Float results differ across devices (cuDNN kernels); "auto" is resolved where this runs.
+               "device": resolve_device(config["device"]).type}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def retrain_key(config: dict[str, Any], forget_clients: list[int], rounds: int) -> str:
-    identity = {
-        "config": {key: config[key] for key in TRAINING_KEYS},
-        "rounds": rounds,
-        "forget_clients": sorted(forget_clients),
-        "versions": {name: metadata.version(name) for name in ("fedunlearn", "torch", "flwr", "flwr-datasets")},
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return training_key(config, rounds, forget_clients=sorted(forget_clients))
 
 
 def _paths(key: str) -> tuple[Path, Path] | None:

@@ -7,6 +7,7 @@ shadow models train on the retain data (disjoint from both).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ from torch.utils.data import Subset
 from fedunlearn.data.backdoor import attack_success_rate, trigger_for, triggered_test_set
 from fedunlearn.federation import Federation
 from fedunlearn.files import json_ready
-from fedunlearn.metrics import MembershipInference, UnlearningEvaluator
+from fedunlearn.environment import cache_dir
+from fedunlearn.metrics import ULIRA_KEYS, LiraShadows, MembershipInference, UnlearningEvaluator
 from fedunlearn.metrics.evaluator import MIA_KEYS
 from fedunlearn.training import LocalTrainingConfig, derive_seed, loss_and_accuracy, streamed_accuracy
 
@@ -39,16 +41,17 @@ def evaluate_models(
     device: torch.device,
     config: dict[str, Any],
     predictors: dict[str, nn.Module] | None = None,
-) -> dict[str, dict[str, Any]]:
+    on_phase: Callable[[str], None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Scores of every state (loaded into ``model``) and every predictor that is not one model's
-    weights (SISA's ensembles), by name."""
+    weights (SISA's ensembles), by name; and what the U-LiRA shadows were (None without them)."""
     forget_set, retain_set = forget_and_retain_sets(federation, forget_clients)
     if forget_set is None or "retrain" not in states:
         # Nothing deleted: the trained model's own scores only.
         model.load_state_dict(states["original"])
         test = loss_and_accuracy(model, federation.data.test, device)
         return {"original": {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                             "retain_accuracy": loss_and_accuracy(model, retain_set, device)["accuracy"]}}
+                             "retain_accuracy": loss_and_accuracy(model, retain_set, device)["accuracy"]}}, None
 
     original = federation.new_model().to(device)
     original.load_state_dict(states["original"])
@@ -71,6 +74,12 @@ def evaluate_models(
         original=original, retrained=retrained, test_set=federation.data.test,
         forget_set=forget_set, retain_set=retain_set, device=device, membership=membership,
     )
+    lira = None
+    if config["lira-shadows"] > 0:
+        # Shadow federations with and without each client (cached; shared by every deletion).
+        lira = LiraShadows.fit(federation, config, forget_clients, config["lira-shadows"], device,
+                               cache_dir() / "lira", progress=on_phase)
+
     def score(name: str, predictor: nn.Module) -> None:
         try:
             scores[name] = evaluator.evaluate(predictor.to(device))
@@ -78,6 +87,11 @@ def evaluate_models(
             # A diverged model (naive-ga's collapse) has infinite losses: the attack has nothing to rank.
             scores[name] = json_ready(evaluator.compare(predictor.to(device)))
             scores[name].update({key: None for key in MIA_KEYS}, mia_note=str(error))
+        if lira is not None:
+            try:
+                scores[name].update(json_ready(lira.attack(predictor.to(device), retrained)))
+            except ValueError as error:
+                scores[name].update({key: None for key in ULIRA_KEYS}, ulira_note=str(error))
         scores[name]["test_loss"] = loss_and_accuracy(predictor, federation.data.test, device)["loss"]
 
     scores: dict[str, dict[str, Any]] = {}
@@ -91,7 +105,7 @@ def evaluate_models(
                 scores[name][f"{split}_accuracy_vote"] = vote_accuracy(predictor, dataset, device)
     if config["backdoor-client"] >= 0:
         add_attack_success_rates(federation, model, states, scores, device, config, predictors or {})
-    return scores
+    return scores, (None if lira is None else lira.summary)
 
 
 def vote_accuracy(ensemble: nn.Module, dataset, device: torch.device) -> float:

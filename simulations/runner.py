@@ -7,7 +7,7 @@ from typing import Any
 
 from fedunlearn.environment import prepare_environment, quiet_logging, ray_temp_dir
 from fedunlearn.errors import RunFailed
-from fedunlearn.results import RunRecord
+from fedunlearn.summary import StudyRecord
 
 
 def backend_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def check_before_start(config: dict[str, Any]) -> None:
     build_federation(config).new_model()
 
 
-def run_job(config: dict[str, Any], on_round=None, on_phase=None, verbose: bool = False) -> RunRecord:
+def run_job(config: dict[str, Any], on_round=None, on_phase=None, verbose: bool = False) -> StudyRecord:
     """Train (and, in later stages, unlearn and evaluate) as ``config`` says; returns the record."""
     prepare_environment()
     check_before_start(config)
@@ -49,7 +49,7 @@ def run_job(config: dict[str, Any], on_round=None, on_phase=None, verbose: bool 
     from clients.client_app import build_client_app
     from strategies.server_app import build_server_app
 
-    records: list[RunRecord] = []
+    records: list[StudyRecord] = []
     server_app = build_server_app(bound_config=config, on_round=on_round, on_record=records.append, on_phase=on_phase)
     run_simulation(
         server_app=server_app,

@@ -30,6 +30,7 @@ class SeededFedAvg(FedAvg):
         seed: int,
         hooks: Sequence[TrainingHook] = (),
         round_offset: int = 0,
+        stamp: dict | None = None,
         **fedavg_options,
     ):
         fedavg_options.setdefault("min_train_nodes", 1)
@@ -43,6 +44,8 @@ class SeededFedAvg(FedAvg):
         # Rounds are numbered round_offset + 1, … in what clients see (their shuffling seeds) and
         # in what hooks see, so a phase that continues a model continues its round numbers too.
         self.round_offset = round_offset
+        # Config entries every train / evaluate message carries (the run's overrides, a shuffle salt).
+        self.stamp = dict(stamp or {})
         self.trained_partitions: dict[int, list[int]] = {}
         # Aggregated client metrics by round, readable while the round is still running
         # (Strategy.start only hands its Result back at the end).
@@ -71,6 +74,7 @@ class SeededFedAvg(FedAvg):
             for hook in self.hooks:
                 hook.before_round(self.round_offset + server_round, global_state, partitions)
         config["server-round"] = self.round_offset + server_round
+        config.update(self.stamp)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._messages_for(partitions, record, MessageType.TRAIN)
 
@@ -81,6 +85,7 @@ class SeededFedAvg(FedAvg):
             return []
         partitions = self._sample(self.fraction_evaluate, self.min_evaluate_nodes)
         config["server-round"] = self.round_offset + server_round
+        config.update(self.stamp)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._messages_for(partitions, record, MessageType.EVALUATE)
 

@@ -42,10 +42,14 @@ class GridPort:
         new_model: Callable[[], nn.Module],
         out_dir: Path,
         on_phase: Callable[[str], None] = lambda phase: None,
+        stamp: Mapping[str, Any] | None = None,
     ):
         self.grid, self.config, self.roster, self.log = grid, config, roster, log
         self.initial_state, self._new_model, self.out_dir = initial_state, new_model, Path(out_dir)
         self.on_phase = on_phase
+        # Config entries every message of this run carries: which run of a several-run job it is
+        # (``run-overrides``, JSON), so one set of clients serves every seed.
+        self.stamp = dict(stamp or {})
         self.deleted: set[int] = set()  # clients whose deletion was applied earlier in the job
         self.histories: dict[int, RoundHistory] = {}  # round interval -> what training kept
 
@@ -79,7 +83,7 @@ class GridPort:
     ) -> dict[int, Reply]:
         partitions = list(partitions)
         content = RecordDict({name: ArrayRecord(state) for name, state in arrays.items()})
-        content["config"] = ConfigRecord(dict(config))
+        content["config"] = ConfigRecord({**config, **self.stamp})
         timeout = float(self.config["unlearn-timeout"])
         self.log.record(message_type, partitions)
         messages = [
@@ -114,15 +118,21 @@ class GridPort:
         first_round: int = 1,
         hooks: Sequence[TrainingHook] = (),
         evaluate_fn: Callable | None = None,
+        shuffle_salt: str = "",
     ) -> Training:
-        strategy = self.fedavg(partitions, seed=seed, evaluate_on_clients=evaluate_on_clients, hooks=hooks, round_offset=first_round - 1)
+        strategy = self.fedavg(
+            partitions, seed=seed, evaluate_on_clients=evaluate_on_clients, hooks=hooks, round_offset=first_round - 1,
+            shuffle_salt=shuffle_salt,
+        )
         state = self.run_fedavg(strategy, start, rounds, evaluate_fn)
         return Training(state=state, client_trainings=sum(len(trained) for trained in strategy.trained_partitions.values()))
 
     def fedavg(
-        self, partitions: Sequence[int], *, seed: int, evaluate_on_clients: bool, hooks: Sequence[TrainingHook] = (), round_offset: int = 0
+        self, partitions: Sequence[int], *, seed: int, evaluate_on_clients: bool, hooks: Sequence[TrainingHook] = (),
+        round_offset: int = 0, shuffle_salt: str = "",
     ) -> SeededFedAvg:
         return SeededFedAvg(
+            stamp={**self.stamp, **({"shuffle-salt": shuffle_salt} if shuffle_salt else {})},
             roster=self.roster,
             log=self.log,
             participants=partitions,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedunlearn.errors import RunFailed
@@ -25,8 +25,9 @@ class Roster:
     def __init__(self, clients: dict[int, ClientInfo] | None = None):
         self.clients: dict[int, ClientInfo] = dict(sorted((clients or {}).items()))
 
-    def discover(self, grid: Grid, num_clients: int, timeout: float) -> dict[int, ClientInfo]:
-        """Wait for ``num_clients`` nodes, ask each which partition it holds."""
+    def discover(self, grid: Grid, num_clients: int, timeout: float, stamp: dict | None = None) -> dict[int, ClientInfo]:
+        """Wait for ``num_clients`` nodes, ask each which partition it holds (``stamp``: the run's
+        config entries every message carries, see ``GridPort``)."""
         deadline = time.monotonic() + timeout
         while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
             if time.monotonic() > deadline:
@@ -34,7 +35,8 @@ class Roster:
                     f"only {len(node_ids)} of num-clients={num_clients} nodes connected within {timeout:.0f} s"
                 )
             time.sleep(0.5)
-        messages = [Message(content=RecordDict(), message_type=IDENTIFY, dst_node_id=node_id) for node_id in node_ids]
+        content = RecordDict({"config": ConfigRecord(dict(stamp))}) if stamp else RecordDict()
+        messages = [Message(content=content, message_type=IDENTIFY, dst_node_id=node_id) for node_id in node_ids]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         failures = [reply for reply in replies if reply.has_error()]
         if failures or len(replies) != len(node_ids):

@@ -8,6 +8,7 @@ along with progress callbacks.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from fedunlearn.ledger import Ledger, requests_from_config, requests_from_file, 
 from fedunlearn.metrics.timing import speedup
 from fedunlearn.results import RunRecord
 from fedunlearn.run_evaluation import evaluate_models
+from fedunlearn.summary import NOISE_FLOOR_ROW, StudyRecord, distances, plan_runs
 from fedunlearn.training import derive_seed, loss_and_accuracy, resolve_device
 from fedunlearn.unlearning import Deletion, Outcome, create_method, parse_methods
 from strategies.port import GridPort
@@ -33,6 +35,9 @@ from strategies.roster import MessageLog, Roster
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 PhaseCallback = Callable[[str], None]
+
+# The second retrain's training randomness (sampling seed and local shuffling) differs by this salt.
+NOISE_FLOOR_SALT = "noise-floor"
 
 # What the evaluation of a method's extra predictors (Outcome.also_evaluate) keeps in its details.
 ALSO_EVALUATED_KEYS = ("test_accuracy", "test_accuracy_vote", "forget_accuracy", "asr")
@@ -50,7 +55,10 @@ class FederatedJob:
     ``method.unlearn(port, deletion)``.
     """
 
-    def __init__(self, grid: Grid, config: dict[str, Any], on_round: RoundCallback | None, on_phase: PhaseCallback | None):
+    def __init__(
+        self, grid: Grid, config: dict[str, Any], on_round: RoundCallback | None, on_phase: PhaseCallback | None,
+        stamp: dict[str, Any] | None = None,
+    ):
         self.grid, self.config = grid, config
         self.on_round, self.on_phase = on_round, on_phase or (lambda phase: None)
         self.record = RunRecord(config=config)
@@ -66,6 +74,7 @@ class FederatedJob:
         self.roster, self.log = Roster(), MessageLog()
         self.port = GridPort(
             grid, config, self.roster, self.log, self.initial_state, self.federation.new_model, self.out_dir, self.on_phase,
+            stamp=stamp,
         )
         self.sampling_seed = derive_seed(config["seed"], "sampling")
 
@@ -73,7 +82,7 @@ class FederatedJob:
 
     def run(self) -> RunRecord:
         config = self.config
-        clients = self.roster.discover(self.grid, config["num-clients"], config["round-timeout"])
+        clients = self.roster.discover(self.grid, config["num-clients"], config["round-timeout"], self.port.stamp)
         self.record.partitions = {
             "scheme": config["partition"],
             "num_clients": len(clients),
@@ -93,8 +102,9 @@ class FederatedJob:
         method_hooks = [hook for method in self.methods for hook in method.training_hooks()]
         round_hooks = self.port.history_hooks(method.requirements for method in self.methods) + method_hooks
         self.on_phase("training")
+        start = time.perf_counter()
         trained_state = self._train(self.initial_state, rounds=stop_round, first_round=1, participants=list(clients), hooks=round_hooks)
-        self.record.methods["original"] = {"seconds": self.record.rounds[-1]["seconds"]}
+        self.record.methods["original"] = {"seconds": time.perf_counter() - start}
         atomic_torch_save(trained_state, self.out_dir / "global_model.pt")
 
         outcomes: dict[str, tuple[Outcome, float]] = {}
@@ -121,8 +131,12 @@ class FederatedJob:
                     )
             self.on_phase("retraining the oracle")
             retrained_state, retrain_info = self._retrain(forget, stop_round)
+            second = None
+            if config["noise-floor"]:
+                self.on_phase("retraining the oracle again (noise floor)")
+                second = self._retrain(forget, stop_round, noise_floor=True)
             self.on_phase("evaluating")
-            self._evaluate(trained_state, retrained_state, retrain_info, outcomes, forget)
+            self._evaluate(trained_state, retrained_state, retrain_info, outcomes, forget, second)
             if stop_round < config["num-rounds"] and outcomes:
                 self._continue_after_deletion(outcomes, forget, stop_round)
         else:
@@ -157,25 +171,34 @@ class FederatedJob:
 
         return self.port.run_fedavg(strategy, start_state, rounds, evaluate_fn=evaluate_on_test_set)
 
-    def _retrain(self, forget: list[int], rounds: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """FedAvg from the same initial model and seed without the deleted clients, timed like training."""
-        key = retrain_cache.retrain_key(self.config, forget, rounds)
+    def _retrain(self, forget: list[int], rounds: int, noise_floor: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """FedAvg from the same initial model and seed without the deleted clients, timed like training.
+
+        ``noise_floor``: the second retrain, on the same data from the same initial model, with other
+        training randomness (client sampling and local shuffling)."""
+        salt = NOISE_FLOOR_SALT if noise_floor else ""
+        key = retrain_cache.retrain_key(self.config, forget, rounds) + (f"-{salt}" if salt else "")
         if self.config["retrain-cache"] and (cached := retrain_cache.load(key)) is not None:
             state, info = cached
             return state, {**info, "from_cache": True}
         remaining = [k for k in self.roster.clients if k not in set(forget)]
         start = time.perf_counter()
-        with self.port.phase("retrain"):
-            state = self.port.train(remaining, self.initial_state, rounds, seed=self.sampling_seed, evaluate_on_clients=True).state
+        seed = derive_seed(self.config["seed"], "sampling", salt) if noise_floor else self.sampling_seed
+        with self.port.phase("retrain (noise floor)" if noise_floor else "retrain"):
+            state = self.port.train(
+                remaining, self.initial_state, rounds, seed=seed, evaluate_on_clients=True, shuffle_salt=salt,
+            ).state
         seconds = time.perf_counter() - start
         info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key}
         retrain_cache.store(key, state, info)
         return state, {**info, "from_cache": False}
 
-    def _evaluate(self, trained_state, retrained_state, retrain_info, outcomes, forget) -> None:
+    def _evaluate(self, trained_state, retrained_state, retrain_info, outcomes, forget, second=None) -> None:
         states = {"original": trained_state}
         if retrained_state is not None:
             states["retrain"] = retrained_state
+        if second is not None:
+            states[NOISE_FLOOR_ROW] = second[0]
         states.update({name: outcome.state for name, (outcome, _) in outcomes.items() if outcome.state is not None})
         predictors = {name: outcome.predictor for name, (outcome, _) in outcomes.items() if outcome.predictor is not None}
         extra = {
@@ -184,7 +207,11 @@ class FederatedJob:
             for label, predictor in outcome.also_evaluate.items()
         }
         predictors.update({f"{name} ({label})": predictor for (name, label), predictor in extra.items()})
-        scores = evaluate_models(self.federation, self.model, states, forget, self.device, self.config, predictors)
+        scores, lira_summary = evaluate_models(
+            self.federation, self.model, states, forget, self.device, self.config, predictors, on_phase=self.on_phase,
+        )
+        if lira_summary is not None:
+            self.record.lira = lira_summary
         for name, label in extra:
             values = scores.pop(f"{name} ({label})")
             outcomes[name][0].details[label] = {key: values[key] for key in ALSO_EVALUATED_KEYS if key in values}
@@ -193,6 +220,9 @@ class FederatedJob:
         if retrain_info is not None:
             retrain_seconds = retrain_info["seconds"]
             self.record.methods["retrain"].update(seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"])
+            if second is not None:
+                self.record.methods[NOISE_FLOOR_ROW].update(seconds=second[1]["seconds"], retrain_from_cache=second[1]["from_cache"])
+                self.record.noise_floor = distances(self.record.methods[NOISE_FLOOR_ROW])
             for name, (outcome, seconds) in outcomes.items():
                 self.record.methods[name].update(outcome.headline)
                 self.record.methods[name].update(
@@ -220,10 +250,27 @@ class FederatedJob:
         atomic_torch_save(final_state, self.out_dir / "global_model_after_deletion.pt")
 
 
+def run_study(grid: Grid, config: dict[str, Any], on_round: RoundCallback | None = None, on_phase: PhaseCallback | None = None) -> StudyRecord:
+    """Every run the config asks for (seeds, each client deleted in turn) on the same clients, then the summary.
+
+    With several runs every message carries the run's overrides (``run-overrides``), so the clients
+    rebuild that run's partitions and seeds: one Ray start serves every run."""
+    runs = plan_runs(config)
+    study = StudyRecord(config=config)
+    for index, spec in enumerate(runs):
+        run_config_ = run_config.resolve(config, {**spec.overrides, "out-dir": str(spec.out_dir)})
+        stamp = {"run-overrides": json.dumps(spec.overrides)} if len(runs) > 1 else None
+        label = f"run {index + 1}/{len(runs)} (seed {spec.seed}, delete {spec.forget_clients or 'nothing'}): "
+        announce = on_phase if len(runs) == 1 or on_phase is None else (lambda phase, label=label: on_phase(label + phase))
+        study.runs.append((spec, FederatedJob(grid, run_config_, on_round, announce, stamp=stamp).run()))
+    study.write()
+    return study
+
+
 def build_server_app(
     bound_config: dict[str, Any] | None = None,
     on_round: RoundCallback | None = None,
-    on_record: Callable[[RunRecord], None] | None = None,
+    on_record: Callable[[StudyRecord], None] | None = None,
     on_phase: PhaseCallback | None = None,
 ) -> ServerApp:
     app = ServerApp()
@@ -231,9 +278,9 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = bound_config if bound_config is not None else run_config.resolve(context.run_config)
-        record = FederatedJob(grid, config, on_round, on_phase).run()
+        study = run_study(grid, config, on_round, on_phase)
         if on_record is not None:
-            on_record(record)
+            on_record(study)
 
     return app
 

@@ -55,9 +55,17 @@ def test_backdoor_preset_poisoned_asr_is_high_and_retrained_low(tmp_path, projec
     assert completed.returncode == 0, completed.stderr[-3000:]
     methods = json.loads((tmp_path / "results.json").read_text())["methods"]
     print({name: (round(m["test_accuracy"], 3), round(m["asr"], 3)) for name, m in methods.items()})
-    assert methods["original"]["asr"] > 0.5
-    assert methods["retrain"]["asr"] < 0.1
-    # (naive-ga's lower forget accuracy is tested on clean data in test_gradient_ascent.py: here its
-    # collapse predicts the target class everywhere, which *matches* the poisoned labels.)
+    original, retrain, hf_kcu, naive_ga = (methods[name] for name in ("original", "retrain", "hf-kcu", "naive-ga"))
+    assert original["asr"] > 0.5
+    assert retrain["asr"] < 0.1
+    # hf-kcu (measured: clean 0.936, ASR 0.704 against 0.950 / 0.741): a small step that keeps the clean
+    # accuracy and lowers the ASR a little, far from removing the backdoor (the paper's Table 3: 84 % -> 71 %).
+    assert hf_kcu["test_accuracy"] >= original["test_accuracy"] - 0.03
+    assert hf_kcu["asr"] < original["asr"]
+    assert hf_kcu["asr_reduction"] == pytest.approx((original["asr"] - hf_kcu["asr"]) / original["asr"])
+    # naive-ga (measured: clean 0.10, ASR 1.0): ten epochs of ascent collapse the model to one class, the
+    # paper's failure mode; descent instead of ascent would keep it near 0.95. (Its lower forget accuracy
+    # on clean data is tested in test_gradient_ascent.py.)
+    assert naive_ga["test_accuracy"] < 0.2
     assert all("asr" in entry and "asr_reduction" in entry for entry in methods.values())
     assert "ASR" in completed.stdout

@@ -82,3 +82,139 @@ def test_impossible_partition_is_a_config_error(digits):
     assert caught.value.key == "min-partition-size"
     with pytest.raises(ConfigError):
         partition_labels(digits.train_labels, 5000, "iid", 1.0, 10, 0)
+
+
+# --- forget-share and exclusive-class: a deleted client whose data matters -------------------------
+
+def _as_lists(partitioning):
+    return [rows.tolist() for rows in partitioning.client_indices]
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "iid"])
+def test_forget_share_gives_the_holder_an_exact_stratified_share(digits, scheme):
+    labels = digits.train_labels
+    share, holder = 0.15, 3
+    partitioning = partition_labels(labels, 10, scheme, 0.5, 10, seed=0, holder=holder, forget_share=share)
+    held = partitioning.rows_of(holder)
+    assert len(held) == round(share * len(labels)) == 216  # 0.15 x 1437 = 215.55
+    held_counts = np.bincount(labels[held], minlength=10)
+    all_counts = np.bincount(labels, minlength=10)
+    for label in range(10):  # each class contributes its share, rounded down or up
+        assert np.floor(share * all_counts[label]) <= held_counts[label] <= np.ceil(share * all_counts[label])
+    rows = np.concatenate(partitioning.client_indices)
+    assert np.array_equal(np.sort(rows), np.arange(len(labels)))  # every example once, nobody else holds these
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "iid"])
+def test_other_clients_split_the_rest_as_the_scheme_says_whoever_holds_the_share(digits, scheme):
+    labels = digits.train_labels
+    by_holder = {
+        holder: partition_labels(labels, 10, scheme, 0.5, 10, seed=0, holder=holder, forget_share=0.2) for holder in (0, 6)
+    }
+    held = by_holder[0].rows_of(0)
+    assert np.array_equal(held, by_holder[6].rows_of(6))  # the sample does not depend on who holds it
+    rest = np.setdiff1d(np.arange(len(labels)), held)
+    plain = partition_labels(labels[rest], 9, scheme, 0.5, 10, seed=0)  # the scheme on the rest, 9 clients
+    expected = [rest[part].tolist() for part in plain.client_indices]
+    assert _as_lists(by_holder[0])[1:] == expected
+    assert _as_lists(by_holder[6])[:6] + _as_lists(by_holder[6])[7:] == expected
+
+
+def test_forget_share_sample_is_seeded_and_survives_the_caches(digits, monkeypatch, tmp_path):
+    labels = digits.train_labels
+    settings = dict(holder=2, forget_share=0.12)
+    monkeypatch.delenv("FEDUNLEARN_CACHE", raising=False)
+    partition_module._cached_partition.cache_clear()
+    computed = partition_labels(labels, 10, "dirichlet", 0.5, 10, seed=4, **settings)
+    monkeypatch.setenv("FEDUNLEARN_CACHE", str(tmp_path))
+    for _ in range(2):  # computed and stored on disk, then read back from disk
+        partition_module._cached_partition.cache_clear()
+        assert _as_lists(partition_labels(labels.copy(), 10, "dirichlet", 0.5, 10, seed=4, **settings)) == _as_lists(computed)
+    assert list((tmp_path / "partitions").glob("*.npz"))
+    other_seed = partition_labels(labels, 10, "dirichlet", 0.5, 10, seed=5, **settings)
+    assert not np.array_equal(other_seed.rows_of(2), computed.rows_of(2))
+    other_share = partition_labels(labels, 10, "dirichlet", 0.5, 10, seed=4, holder=2, forget_share=0.13)
+    assert len(other_share.rows_of(2)) == round(0.13 * len(labels)) != len(computed.rows_of(2))
+
+
+def test_keys_off_leave_the_plain_partition_bit_for_bit(digits):
+    labels = digits.train_labels
+    plain = partition_labels(labels, 10, "dirichlet", 0.5, 10, seed=0)
+    off = partition_labels(labels, 10, "dirichlet", 0.5, 10, seed=0, holder=7, forget_share=0.0, exclusive_class=-1)
+    assert _as_lists(off) == _as_lists(plain)
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "iid"])
+def test_exclusive_class_lives_only_and_wholly_at_the_holder(digits, scheme):
+    labels = digits.train_labels
+    holder, exclusive = 4, 7
+    partitioning = partition_labels(labels, 10, scheme, 0.5, 10, seed=0, holder=holder, exclusive_class=exclusive)
+    histograms = partitioning.label_histograms(labels, 10)
+    assert histograms[holder][exclusive] == int(np.sum(labels == exclusive))  # all of it there
+    assert all(histogram[exclusive] == 0 for client, histogram in enumerate(histograms) if client != holder)
+    # The other classes are split over all ten clients exactly as the scheme splits them alone.
+    rest = np.flatnonzero(labels != exclusive)
+    plain = partition_labels(labels[rest], 10, scheme, 0.5, 10, seed=0)
+    for client, part in enumerate(plain.client_indices):
+        own = partitioning.rows_of(client)
+        assert sorted(own[labels[own] != exclusive].tolist()) == sorted(rest[part].tolist())
+    again = partition_labels(labels.copy(), 10, scheme, 0.5, 10, seed=0, holder=holder, exclusive_class=exclusive)
+    assert _as_lists(again) == _as_lists(partitioning)
+
+
+@pytest.mark.parametrize("settings, key", [
+    (dict(forget_share=1.0), "forget-share"),
+    (dict(forget_share=-0.1), "forget-share"),
+    (dict(forget_share=0.0001), "forget-share"),  # round(0.0001 x 1437) = 0 examples
+    (dict(forget_share=0.1, exclusive_class=3), "exclusive-class"),
+    (dict(forget_share=0.1, holder=10), "forget-clients"),
+    (dict(exclusive_class=3, holder=-1), "forget-clients"),
+])
+def test_impossible_holder_settings_are_config_errors(digits, settings, key):
+    with pytest.raises(ConfigError) as caught:
+        partition_labels(digits.train_labels, 10, "iid", 0.5, 10, seed=0, **settings)
+    assert caught.value.key == key
+
+
+def test_a_share_or_class_needs_clients_besides_the_holder(digits):
+    for settings in (dict(forget_share=0.1), dict(exclusive_class=0)):
+        with pytest.raises(ConfigError) as caught:
+            partition_labels(digits.train_labels, 1, "iid", 0.5, 10, seed=0, **settings)
+        assert caught.value.key == "num-clients"
+
+
+def test_an_exclusive_class_without_examples_is_a_config_error_naming_the_classes():
+    labels = np.repeat(np.arange(3), 20)
+    with pytest.raises(ConfigError) as caught:
+        partition_labels(labels, 4, "iid", seed=0, exclusive_class=5)
+    assert caught.value.key == "exclusive-class" and caught.value.choices == ["-1 (off)", 0, 1, 2]
+
+
+def _federation_config(**overrides):
+    from fedunlearn import config as run_config
+
+    return run_config.resolve({"num-clients": 10, "partition": "iid"}, overrides)
+
+
+def test_build_federation_gives_the_first_of_forget_clients_the_data():
+    from fedunlearn.federation import build_federation
+
+    federation = build_federation(_federation_config(**{"forget-share": 0.15, "forget-clients": "3,1"}))
+    assert federation.partitioning.sizes[3] == 216
+    federation = build_federation(_federation_config(**{"exclusive-class": 9, "forget-clients": " 5, 0"}))
+    labels = federation.data.train_labels
+    assert set(np.flatnonzero(labels == 9)) <= set(federation.partitioning.rows_of(5).tolist())
+
+
+@pytest.mark.parametrize("overrides, key, hint", [
+    ({"exclusive-class": 10}, "exclusive-class", "0..9"),
+    ({"forget-share": 0.1, "forget-clients": ""}, "forget-clients", "0..9"),
+    ({"forget-share": 0.1, "forget-clients": "12"}, "forget-clients", "0..9"),
+    ({"exclusive-class": 2, "forget-clients": "x"}, "forget-clients", "0..9"),
+])
+def test_build_federation_checks_the_holder_against_the_data_and_clients(overrides, key, hint):
+    from fedunlearn.federation import build_federation
+
+    with pytest.raises(ConfigError) as caught:
+        build_federation(_federation_config(**overrides))
+    assert caught.value.key == key and hint in caught.value.one_line()

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from fedunlearn.data import datasets as data_module
 from fedunlearn.data import load_dataset
@@ -99,3 +100,79 @@ def test_missing_files_say_which_files_to_put_where(tmp_path, name, expected_fil
     message = caught.value.one_line()
     assert caught.value.key == "data-dir"
     assert str(tmp_path / expected_file) in message and "download=true" in message
+
+
+# --- the four idx files directly in data-dir (Debian's dataset-fashion-mnist layout) --------------
+
+def _write_flat(folder, train_count: int, test_count: int, packed: bool = True, seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if packed else ""
+    expected = {}
+    for prefix, count in {"train": train_count, "t10k": test_count}.items():
+        images, labels = rng.integers(0, 256, size=(count, 28, 28)), rng.integers(0, 10, size=count)
+        _write_idx_images(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, packed)
+        _write_idx_labels(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, packed)
+        expected[prefix] = (images, labels)
+    return expected
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_idx_files_directly_in_data_dir_load_as_torchvision_loads_them_and_nothing_is_written(tmp_path, packed):
+    debian = tmp_path / "usr/share/datasets/fashion-mnist"
+    expected = _write_flat(debian, train_count=25, test_count=15, packed=packed)
+    before = sorted(path.name for path in debian.iterdir())
+    split = load_dataset("fashion-mnist", data_dir=debian)
+    assert sorted(path.name for path in debian.iterdir()) == before  # read in memory, nothing unpacked beside
+    assert split.input_shape == (1, 28, 28) and split.num_classes == 10
+    assert np.array_equal(split.train.tensors[1].numpy(), expected["train"][1])
+    assert np.array_equal(split.test.tensors[1].numpy(), expected["t10k"][1])
+    # The same bytes in torchvision's layout, read by torchvision, give the same tensors.
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for file in debian.iterdir():
+        (raw / file.name).write_bytes(file.read_bytes())
+    data_module._cached_load.cache_clear()
+    reference = load_dataset("fashion-mnist", data_dir=tmp_path / "tv")
+    for ours, theirs in zip((*split.train.tensors, *split.test.tensors), (*reference.train.tensors, *reference.test.tensors)):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+def test_the_missing_data_message_names_the_debian_package_its_folder_and_download(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    message = caught.value.one_line()
+    assert caught.value.key == "data-dir"
+    for fragment in ("apt-get install dataset-fashion-mnist", "data-dir=/usr/share/datasets/fashion-mnist",
+                     "download=true", str(tmp_path / "FashionMNIST" / "raw")):
+        assert fragment in message
+
+
+def test_three_of_four_idx_files_are_not_a_data_set(tmp_path):
+    _write_flat(tmp_path, 5, 5)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(ConfigError) as caught:
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert "t10k-labels-idx1-ubyte" in caught.value.one_line()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda payload: b"\x00\x00\x0d\x03" + payload[4:], "not an idx file of unsigned bytes"),  # float idx
+    (lambda payload: payload[:-5], "truncated"),
+    (lambda payload: b"PK\x03\x04" + payload, "not an idx file"),
+])
+def test_a_damaged_idx_file_is_a_config_error_naming_it(tmp_path, damage, fragment):
+    _write_flat(tmp_path, 6, 4)
+    target = tmp_path / "train-images-idx3-ubyte.gz"
+    target.write_bytes(gzip.compress(damage(gzip.decompress(target.read_bytes()))))
+    with pytest.raises(ConfigError) as caught:
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert caught.value.key == "data-dir" and fragment in caught.value.one_line() and str(target) in caught.value.one_line()
+
+
+def test_images_and_labels_of_different_lengths_are_refused(tmp_path):
+    _write_flat(tmp_path, 6, 4)
+    _write_idx_labels(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(5), packed=True)
+    with pytest.raises(ConfigError) as caught:
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert "do not match" in caught.value.one_line()

@@ -2,8 +2,10 @@
 
 logreg with L2 on digits over non-IID clients: the full objective Σ_k p_k L_k is minimised to
 optimality with L-BFGS (float64), client 0 is deleted, and the remaining objective is minimised the
-same way as the reference. hf-kcu-global must land on it; what hf-kcu (local curvature) and kfac
-achieve is measured and printed, not held to a tuned threshold.
+same way as the reference. hf-kcu-global must land on it. hf-kcu and kfac (the deleted client's own
+curvature) only get closer; at this exact optimum their step must lower the KL to the reference and
+the same step negated must raise it, so a flipped sign in the client's step (forget gradient, inverse,
+influence weight) fails.
 """
 
 import copy
@@ -106,21 +108,23 @@ def test_hf_kcu_global_lands_on_the_retrained_optimum(convex_setup):
     assert update.communication_rounds == update.diagnostics["cg_iterations"] + 1
 
 
-@pytest.mark.parametrize("method", ["hf-kcu", "kfac"])
-def test_local_curvature_methods_are_measured_against_the_optimum(convex_setup, method):
-    """The paper's local-curvature step: reported, not tuned to a threshold (see docs/methods.md)."""
+# kfac at λ = 0.01 overshoots here (KL 4.06e-3 -> 2.22e-2, docs/methods.md: λ on each factor amplifies the
+# directions the client's output gradients miss); at λ = 0.1 its step is a descent step like hf-kcu's.
+@pytest.mark.parametrize(("method", "damping"), [("hf-kcu", 0.01), ("kfac", 0.1)])
+def test_the_local_step_points_toward_the_retrained_optimum(convex_setup, method, damping):
+    """Measured: hf-kcu 4.06e-3 -> 2.54e-3 (negated: 1.32e-2); kfac 4.06e-3 -> 2.32e-3 (negated: 8.9e-3)."""
     federation, full, reference, test_x, test_y, client_batches, _ = convex_setup
     sizes = federation.partitioning.sizes
     influence_weight = sizes[DELETED] / (sum(sizes) - sizes[DELETED])
-    config = run_config.resolve({"damping": 0.01, "curvature": "hessian", "cg-iters": 300, "cg-tol": 1e-10})
+    config = run_config.resolve({"damping": damping, "curvature": "hessian", "cg-iters": 300, "cg-tol": 1e-10})
     context = ClientContext(partition_id=DELETED, num_examples=sizes[DELETED], total_examples=sum(sizes),
                             influence_weight=influence_weight, seed=0, device=torch.device("cpu"))
     update = create_method(method, config).solve(full, client_batches[DELETED], context)
-    unlearned = _apply(full, update.param_names, update.delta)
     kl_original = _kl_to(reference, full, test_x)
-    kl_unlearned = _kl_to(reference, unlearned, test_x)
-    print(f"\n{method}: KL to retrained optimum original {kl_original:.3e} -> {kl_unlearned:.3e} "
-          f"(cut {kl_original / kl_unlearned:.2f}x); test accuracy {_accuracy(unlearned, test_x, test_y):.4f} "
-          f"vs retrained {_accuracy(reference, test_x, test_y):.4f}")
-    assert torch.isfinite(torch.cat([d.flatten() for d in update.delta])).all()
+    kl_step = _kl_to(reference, _apply(full, update.param_names, update.delta), test_x)
+    kl_negated = _kl_to(reference, _apply(full, update.param_names, [-d for d in update.delta]), test_x)
+    print(f"\n{method} (λ = {damping}): KL to retrained optimum original {kl_original:.3e} -> step {kl_step:.3e}, "
+          f"negated step {kl_negated:.3e}")
     assert update.forget_gradient_norm > 0
+    assert kl_step < 0.8 * kl_original
+    assert kl_negated > 1.5 * kl_original

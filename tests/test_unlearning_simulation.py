@@ -72,9 +72,11 @@ def test_the_retrain_oracle_is_cached_and_identical(deletion_runs):
     (first, _, _), (again, _, _) = deletion_runs
     assert first["methods"]["retrain"]["retrain_from_cache"] is False
     assert again["methods"]["retrain"]["retrain_from_cache"] is True
-    # Same seed: the same trained model, the same oracle, the same unlearned models.
-    for name in ("original", "retrain", "hf-kcu", "hf-kcu-global", "kfac"):
-        assert again["methods"][name]["test_accuracy"] == first["methods"][name]["test_accuracy"]
+    # Same seed: the same trained model and the same unlearned models. (That the cached oracle equals a
+    # fresh retrain bit for bit is tests/test_retrain_cache.py.)
+    for name in ("original", "hf-kcu", "hf-kcu-global", "kfac"):
+        for key in ("test_accuracy", "kl_to_retrain"):
+            assert again["methods"][name][key] == first["methods"][name][key], (name, key)
     assert again["methods"]["retrain"]["seconds"] == first["methods"]["retrain"]["seconds"]
 
 
@@ -96,11 +98,10 @@ def test_membership_inference_on_the_retrained_model_is_near_chance(deletion_run
     # Large enough to say so: hundreds of members (client 1's data) against the 360 test images.
     assert retrain["mia_members"] >= 200 and retrain["mia_nonmembers"] >= 300
     assert abs(retrain["mia_auc"] - 0.5) <= 0.1
-    for key in ("kl_to_retrain", "logit_mse_to_retrain", "param_gap"):
-        assert retrain[key] == pytest.approx(0.0, abs=1e-9)
-    assert retrain["agreement_with_retrain"] == 1.0 and retrain["cf"] == pytest.approx(1.0)
+    # The oracle really left client 1 out: a retrain over every client (same seed, same rounds) would be
+    # the trained model itself, at KL 0 and parameter gap 0 from it.
     original = results["methods"]["original"]
-    assert original["kl_to_retrain"] > 0 and original["cf"] == pytest.approx(0.0)
+    assert original["kl_to_retrain"] > 1e-6 and original["param_gap"] > 1e-4
 
 
 def test_deletion_mid_training_continues_without_the_deleted_client(tmp_path, project_cache):

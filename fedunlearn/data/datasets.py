@@ -1,5 +1,11 @@
 """Loaders: scikit-learn's digits (offline default), torchvision's MNIST / Fashion-MNIST / CIFAR-10 and the
-generated MNIST-1D signals."""
+generated MNIST-1D signals.
+
+MNIST and Fashion-MNIST are read from ``data-dir`` in either of two layouts: torchvision's
+(``DATA_DIR/FashionMNIST/raw/<file>``, what ``download=true`` fetches) or the four idx files directly in
+``data-dir`` (plain or ``.gz``), as Debian's ``dataset-fashion-mnist`` installs them in
+``/usr/share/datasets/fashion-mnist``; the latter are read in memory, nothing is written beside them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import functools
 import gzip
 import pickle
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +113,78 @@ def _unpack_gzipped_idx(name: str, data_dir: Path) -> None:
                 shutil.copyfileobj(source, sink)
 
 
+# Data sets stored as the four original idx files, and the Debian package (and folder) that ships them.
+IDX_DATASETS = ("mnist", "fashion-mnist")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DEBIAN_PACKAGES = {"fashion-mnist": ("dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist")}
+
+
+def _torchvision_layout_present(name: str, data_dir: Path) -> bool:
+    folder, files = TORCHVISION_LAYOUT[name]
+    return all((data_dir / folder / file).exists() or (data_dir / folder / f"{file}.gz").exists() for file in files)
+
+
+def _flat_idx_files(data_dir: Path) -> dict[str, Path] | None:
+    """The four idx files directly in ``data_dir`` (each plain or ``.gz``), or None unless all four are there."""
+    found = {}
+    for file in IDX_FILES:
+        candidates = [path for path in (data_dir / file, data_dir / f"{file}.gz") if path.is_file()]
+        if not candidates:
+            return None
+        found[file] = candidates[0]
+    return found
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file of unsigned bytes (plain or gzipped): two zero bytes, the type 0x08, the number of
+    dimensions d, d big-endian uint32 sizes, then the bytes in C order."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            payload = handle.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise ConfigError("data-dir", str(path.parent), reason=f"cannot read {path}: {error}") from None
+    if len(payload) < 4 or payload[:3] != b"\x00\x00\x08":
+        raise ConfigError("data-dir", str(path.parent), reason=f"{path} is not an idx file of unsigned bytes")
+    dims = payload[3]
+    start = 4 + 4 * dims
+    shape = struct.unpack(f">{dims}I", payload[4:start]) if len(payload) >= start else None
+    if shape is None or len(payload) - start != int(np.prod(shape)):
+        raise ConfigError("data-dir", str(path.parent), reason=f"{path} is truncated or its header is wrong")
+    return np.frombuffer(payload, dtype=np.uint8, offset=start).reshape(shape).copy()  # writable, for torch
+
+
+def _read_idx_split(files: dict[str, Path], prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(files[f"{prefix}-images-idx3-ubyte"]), read_idx(files[f"{prefix}-labels-idx1-ubyte"])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ConfigError(
+            "data-dir", str(files[f"{prefix}-images-idx3-ubyte"].parent),
+            reason=f"{prefix} images {images.shape} and labels {labels.shape} do not match (N x H x W images, N labels)",
+        )
+    return images, labels
+
+
+def _missing_message(name: str, data_dir: Path, missing: list[Path]) -> str:
+    listing = ", ".join(str(path) for path in missing)
+    folder = TORCHVISION_LAYOUT[name][0]
+    if name not in IDX_DATASETS:
+        return f"{name} not found: put {listing} there, or set download=true (torchvision downloads them into {data_dir / folder})"
+    text = (
+        f"{name} not found: put {listing} there (or the same names with .gz, or all four directly in {data_dir})"
+    )
+    if name in DEBIAN_PACKAGES:
+        package, location = DEBIAN_PACKAGES[name]
+        text += f"; on Debian/Ubuntu `apt-get install {package}` installs them in {location}: set data-dir={location}"
+    return text + f"; or set download=true (torchvision downloads them into {data_dir / folder})"
+
+
 def _require_files(name: str, data_dir: Path, download: bool) -> None:
     if download:
         return
-    if name in ("mnist", "fashion-mnist"):
+    if name in IDX_DATASETS:
         _unpack_gzipped_idx(name, data_dir)
     missing = _missing_files(name, data_dir)
     if missing:
-        listing = ", ".join(str(path) for path in missing)
-        raise ConfigError(
-            "data-dir",
-            str(data_dir),
-            reason=f"{name} not found: put {listing} there (or the same names with .gz), or set download=true",
-        )
+        raise ConfigError("data-dir", str(data_dir), reason=_missing_message(name, data_dir, missing))
 
 
 def _images_to_tensor(data: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -152,6 +218,9 @@ def _read_cifar10(root: Path, train: bool, download: bool):
 def _load_torchvision(name: str, data_dir: Path, download: bool) -> DataSplit:
     from torchvision import datasets as tv
 
+    if name in IDX_DATASETS and not download and not _torchvision_layout_present(name, data_dir):
+        if (files := _flat_idx_files(data_dir)) is not None:
+            return _load_flat_idx(name, files)
     _require_files(name, data_dir, download)
     if name == "cifar10":
         train, test = (_read_cifar10(data_dir, split, download) for split in (True, False))
@@ -166,6 +235,14 @@ def _load_torchvision(name: str, data_dir: Path, download: bool) -> DataSplit:
         shape, classes = (1, 28, 28), 10
     train_x, test_x = _standardize(train_x, test_x)
     return DataSplit(name, TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), shape, classes)
+
+
+def _load_flat_idx(name: str, files: dict[str, Path]) -> DataSplit:
+    """The four idx files directly in data-dir (Debian's layout), read in memory as torchvision would."""
+    (train_images, train_labels), (test_images, test_labels) = (_read_idx_split(files, prefix) for prefix in ("train", "t10k"))
+    train_x, test_x = _standardize(_images_to_tensor(train_images), _images_to_tensor(test_images))
+    train_y, test_y = (torch.from_numpy(labels.astype(np.int64)) for labels in (train_labels, test_labels))
+    return DataSplit(name, TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), (1, *train_images.shape[1:]), 10)
 
 
 def _load_mnist1d(data_dir: Path, download: bool, samples: int = mnist1d.MNIST1D_DEFAULT_SAMPLES) -> DataSplit:

@@ -1,7 +1,9 @@
 """Evaluation of unlearning: each model against the retrained oracle, and membership inference.
 
 ``UnlearningEvaluator(...).evaluate(model)`` gives every number ``results.json`` records per model
-(:data:`METRIC_KEYS`); the functions below it are usable on their own. Definitions: docs/metrics.md.
+(:data:`METRIC_KEYS`); the functions below it are usable on their own. The per-example attack
+against shadow federations (U-LiRA) is :class:`LiraShadows` (:data:`ULIRA_KEYS`). Definitions:
+docs/metrics.md.
 """
 
 from fedunlearn.metrics.evaluator import (
@@ -22,11 +24,15 @@ from fedunlearn.metrics.functional import (
     parameter_gap,
     prediction_agreement,
 )
+from fedunlearn.metrics.lira import ULIRA_KEYS, LiraShadows, tpr_at_fpr
 from fedunlearn.metrics.membership import (
     MembershipInference,
     attack_features,
-    auc_and_success,
+    balanced_accuracy,
     class_matching_weights,
+    fit_threshold,
+    logit_scaled_confidence,
+    membership_auc,
     per_example_loss,
 )
 from fedunlearn.metrics.timing import speedup, stopwatch
@@ -46,10 +52,16 @@ __all__ = [
     "model_outputs",
     "parameter_gap",
     "prediction_agreement",
+    "LiraShadows",
+    "ULIRA_KEYS",
+    "tpr_at_fpr",
     "MembershipInference",
     "attack_features",
-    "auc_and_success",
+    "balanced_accuracy",
     "class_matching_weights",
+    "fit_threshold",
+    "logit_scaled_confidence",
+    "membership_auc",
     "per_example_loss",
     "speedup",
     "stopwatch",

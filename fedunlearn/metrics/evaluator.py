@@ -37,7 +37,19 @@ RETRAIN_KEYS = (
     "agreement_with_retrain",
     "param_gap",
     "cf",
+    # Signed: model − retrain (a method that beats retrain by training further is not closer to it).
+    "test_accuracy_gap",
+    "forget_accuracy_gap",
+    "retain_accuracy_gap",
+    # The same distances on the deleted data and on the remaining clients' data.
+    "forget_kl_to_retrain",
+    "forget_logit_mse_to_retrain",
+    "forget_agreement_with_retrain",
+    "retain_kl_to_retrain",
+    "retain_logit_mse_to_retrain",
+    "retain_agreement_with_retrain",
 )
+SPLITS = ("test", "forget", "retain")
 MIA_KEYS = (
     "mia_auc",
     "mia_success",
@@ -48,6 +60,7 @@ MIA_KEYS = (
     "mia_loss_success",
     "mia_members",
     "mia_nonmembers",
+    "mia_auc_gap",
 )
 METRIC_KEYS = RETRAIN_KEYS + MIA_KEYS
 
@@ -86,9 +99,9 @@ class UnlearningEvaluator:
             membership = MembershipInference(None, None, device=self.device)
         self.membership = membership if membership.fitted else membership.fit()
         self.mia_nonmembers = test_set if mia_nonmembers is None else mia_nonmembers
-        self.retrain_test_logits, self.test_labels = self._outputs(retrained, test_set)
-        self.retrain_test_accuracy = accuracy(self.retrain_test_logits, self.test_labels)
-        self.original_test_accuracy = accuracy(self._outputs(original, test_set)[0], self.test_labels)
+        self.retrain_attack = self.membership.attack(self.retrained, forget_set, self.mia_nonmembers)
+        self.reference = RetrainReference.of(retrained, test_set, forget_set, retain_set, self.device, batch_size)
+        self.original_test_accuracy = accuracy(self._outputs(original, test_set)[0], self.reference.labels["test"])
 
     def _outputs(self, model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return model_outputs(model, dataset, self.device, self.batch_size)
@@ -96,58 +109,74 @@ class UnlearningEvaluator:
     def compare(self, model: nn.Module) -> dict[str, float]:
         """Accuracies (fractions), divergences to the retrained model and CF; NaN where undefined."""
         return _retrain_comparison(
-            model, self.retrained, self.retrain_test_logits, self.test_labels,
-            self.original_test_accuracy, self.retrain_test_accuracy,
+            model, self.retrained, self.reference, self.original_test_accuracy,
             self.test_set, self.forget_set, self.retain_set, self.device, self.batch_size, self.cf_min_denominator,
         )
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """All :data:`METRIC_KEYS`, JSON-ready: undefined values (CF, shadow AUC without shadows) are None."""
+        """:data:`RETRAIN_KEYS`, the attack's numbers and ``mia_auc_gap`` (the headline AUC minus the
+        retrained model's: 0 = as exposed as a retrain), JSON-ready: undefined values are None."""
         metrics: dict[str, Any] = self.compare(model)
-        metrics.update(self.membership.attack(model, self.forget_set, self.mia_nonmembers))
-        return json_ready({key: metrics[key] for key in METRIC_KEYS})
+        attack = self.membership.attack(model, self.forget_set, self.mia_nonmembers)
+        metrics.update(attack)
+        metrics["mia_auc_gap"] = attack["mia_auc"] - self.retrain_attack["mia_auc"]
+        return json_ready(metrics)
+
+
+class RetrainReference:
+    """The retrained model's logits and the labels on each split, computed once per run."""
+
+    def __init__(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
+        self.logits, self.labels = logits, labels
+        self.accuracy = {split: accuracy(logits[split], labels[split]) for split in logits}
+
+    @classmethod
+    def of(cls, retrained, test_set, forget_set, retain_set, device, batch_size) -> RetrainReference:
+        logits, labels = {}, {}
+        for split, dataset in zip(SPLITS, (test_set, forget_set, retain_set)):
+            logits[split], labels[split] = model_outputs(retrained, dataset, device, batch_size)
+        return cls(logits, labels)
 
 
 def compare_to_retrain(
     model: nn.Module,
     retrained: nn.Module,
     original_test_accuracy: float,
-    retrain_test_accuracy: float,
     test_set: Dataset,
     forget_set: Dataset,
     retain_set: Dataset,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """:data:`RETRAIN_KEYS` for one model, given the two reference accuracies (fractions); NaN CF if unstable."""
+    """:data:`RETRAIN_KEYS` for one model, given the original model's test accuracy (fraction); NaN CF if unstable."""
     for name, dataset in (("test_set", test_set), ("forget_set", forget_set), ("retain_set", retain_set)):
         _require_examples(dataset, name)
-    retrain_logits, test_labels = model_outputs(retrained, test_set, device, batch_size)
+    reference = RetrainReference.of(retrained, test_set, forget_set, retain_set, device, batch_size)
     return _retrain_comparison(
-        model, retrained, retrain_logits, test_labels, original_test_accuracy, retrain_test_accuracy,
+        model, retrained, reference, original_test_accuracy,
         test_set, forget_set, retain_set, device, batch_size, CF_MIN_DENOMINATOR,
     )
 
 
 def _retrain_comparison(
-    model, retrained, retrain_test_logits, test_labels, original_test_accuracy, retrain_test_accuracy,
+    model, retrained, reference: RetrainReference, original_test_accuracy,
     test_set, forget_set, retain_set, device, batch_size, cf_min_denominator,
 ) -> dict[str, float]:
-    """:data:`RETRAIN_KEYS` of ``model``, given the retrained model's test logits (computed once per run)."""
-    test_logits, _ = model_outputs(model, test_set, device, batch_size)
-    test_accuracy = accuracy(test_logits, test_labels)
-    return {
-        "test_accuracy": test_accuracy,
-        "forget_accuracy": accuracy(*model_outputs(model, forget_set, device, batch_size)),
-        "retain_accuracy": accuracy(*model_outputs(model, retain_set, device, batch_size)),
-        "kl_to_retrain": kl_divergence(retrain_test_logits, test_logits),
-        "logit_mse_to_retrain": logit_mse(test_logits, retrain_test_logits),
-        "agreement_with_retrain": prediction_agreement(test_logits, retrain_test_logits),
-        # An ensemble (SISA) has no one weight vector to set beside the retrained model's.
-        "param_gap": parameter_gap(model, retrained)
-        if getattr(model, "has_single_parameter_vector", True) else float("nan"),
-        "cf": causal_faithfulness(original_test_accuracy, test_accuracy, retrain_test_accuracy, cf_min_denominator),
-    }
+    """:data:`RETRAIN_KEYS` of ``model``, given the retrained model's outputs (computed once per run)."""
+    result: dict[str, float] = {}
+    for split, dataset in zip(SPLITS, (test_set, forget_set, retain_set)):
+        logits, _ = model_outputs(model, dataset, device, batch_size)
+        retrain_logits, labels = reference.logits[split], reference.labels[split]
+        prefix = "" if split == "test" else f"{split}_"
+        result[f"{split}_accuracy"] = accuracy(logits, labels)
+        result[f"{split}_accuracy_gap"] = result[f"{split}_accuracy"] - reference.accuracy[split]
+        result[f"{prefix}kl_to_retrain"] = kl_divergence(retrain_logits, logits)
+        result[f"{prefix}logit_mse_to_retrain"] = logit_mse(logits, retrain_logits)
+        result[f"{prefix}agreement_with_retrain"] = prediction_agreement(logits, retrain_logits)
+    # An ensemble (SISA) has no one weight vector to set beside the retrained model's.
+    result["param_gap"] = parameter_gap(model, retrained) if getattr(model, "has_single_parameter_vector", True) else float("nan")
+    result["cf"] = causal_faithfulness(original_test_accuracy, result["test_accuracy"], reference.accuracy["test"], cf_min_denominator)
+    return {key: result[key] for key in RETRAIN_KEYS}
 
 
 def evaluate_model(model: nn.Module, **evaluator_arguments: Any) -> dict[str, Any]:

@@ -1,17 +1,22 @@
 """Membership inference of the deleted data: is the forget set distinguishable from unseen data?
 
-Two attacks, both scored as AUC and as "success" (best balanced accuracy over all thresholds):
+Two population attacks (one rule for every example), both scored as AUC and as "success" (balanced
+accuracy at a threshold):
 
 * loss threshold (Yeom et al. 2018): score = -cross-entropy; members were fitted, so lower loss;
 * shadow models (Shokri et al. 2017): models of the target's architecture trained on one half of a
   held-out pool and not on the other teach a classifier what "seen" outputs look like; that
   classifier scores the target's outputs.
 
-``mia_auc`` / ``mia_success`` report the stronger of the two on each model (higher AUC), named in
-``mia_attack``: a privacy measure should show the worst case.
+Everything the attacks fit — the attack classifier and both thresholds — is fit on the shadow
+models' in/out examples only, never on the members and non-members they are evaluated on, so
+``*_success`` is what an attacker would really get. The headline ``mia_auc`` / ``mia_success`` is
+one attack named up front (``mia_attack``): the shadow-model attack when there are shadows, else the
+loss attack — never the better of the two on a given model.
 
-A target trained without the deleted data (the retrained oracle) should score about 0.5 on both.
-:class:`MembershipInference` trains the shadows once per run and then attacks every model.
+A model that never saw the deleted data is the reference, not 0.5: read a method's numbers against
+the retrained model's. :class:`MembershipInference` trains the shadows once per run and then attacks
+every model. The per-example attack (U-LiRA) is in :mod:`fedunlearn.metrics.lira`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -44,6 +49,18 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     return F.cross_entropy(logits.double(), labels, reduction="none").numpy()
 
 
+def logit_scaled_confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """φ = log p_y − log(1 − p_y) per example (float64), computed from the logits as
+    z_y − logsumexp_{c≠y} z_c: exact where p_y rounds to 1 (a confident model) and never log(0).
+
+    The LiRA statistic (Carlini et al. 2022): roughly Gaussian over models, unlike p_y itself.
+    """
+    z = logits.double()
+    correct_logit = z.gather(1, labels[:, None]).squeeze(1)
+    others = z.scatter(1, labels[:, None], -math.inf)
+    return (correct_logit - torch.logsumexp(others, dim=1)).numpy()
+
+
 def attack_features(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """What the shadow-model attack sees per example (N x (C + 4)).
 
@@ -54,9 +71,7 @@ def attack_features(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     z = logits.double()
     log_p = F.log_softmax(z, dim=1)
     sorted_log_p = log_p.sort(dim=1, descending=True).values.clamp_min(LOG_PROB_FLOOR)
-    correct_logit = z.gather(1, labels[:, None]).squeeze(1)
-    others = z.scatter(1, labels[:, None], -math.inf)
-    log_odds = correct_logit - torch.logsumexp(others, dim=1)
+    log_odds = torch.from_numpy(logit_scaled_confidence(logits, labels))
     loss = -log_p.gather(1, labels[:, None]).squeeze(1)
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     correct = (z.argmax(dim=1) == labels).double()
@@ -85,37 +100,65 @@ def class_matching_weights(member_labels: np.ndarray, nonmember_labels: np.ndarr
     return member_weights, nonmember_weights
 
 
-def auc_and_success(
+def _scores_and_weights(scores: np.ndarray, weights: np.ndarray | None, side: str) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, float)
+    if len(scores) == 0:
+        raise ValueError(f"membership inference needs at least one {side}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("membership scores contain NaN or infinity (did the model diverge?)")
+    weights = np.ones(len(scores)) if weights is None else np.asarray(weights, float)
+    return scores, weights
+
+
+def membership_auc(
     member_scores: np.ndarray,
     nonmember_scores: np.ndarray,
     member_weights: np.ndarray | None = None,
     nonmember_weights: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """ROC AUC of "member" scores against "non-member" scores, and the best balanced accuracy.
+) -> float:
+    """ROC AUC of "member" scores against "non-member" scores (higher score = "member").
 
-    Higher score = "more likely a member". Both numbers weigh the two sides equally whatever
-    their sizes (AUC is a rank statistic over member/non-member pairs; balanced accuracy is
-    (TPR + TNR) / 2), so neither side is subsampled. Success is the maximum over all thresholds,
-    i.e. an attacker who knows the best threshold: >= 0.5 by construction, an upper bound.
+    The (weighted) probability that a random member scores above a random non-member, ties
+    counting one half. Threshold-free, so nothing is fit on the evaluated data. It weighs both
+    sides equally whatever their sizes, so neither side is subsampled.
     """
-    member_scores, nonmember_scores = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
-    if len(member_scores) == 0 or len(nonmember_scores) == 0:
-        raise ValueError("membership inference needs at least one member and one non-member")
-    member_weights = np.ones(len(member_scores)) if member_weights is None else np.asarray(member_weights, float)
-    nonmember_weights = (
-        np.ones(len(nonmember_scores)) if nonmember_weights is None else np.asarray(nonmember_weights, float)
-    )
+    member_scores, member_weights = _scores_and_weights(member_scores, member_weights, "member")
+    nonmember_scores, nonmember_weights = _scores_and_weights(nonmember_scores, nonmember_weights, "non-member")
     truth = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
     scores = np.concatenate([member_scores, nonmember_scores])
     weights = np.concatenate([member_weights, nonmember_weights])
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("membership scores contain NaN or infinity (did the model diverge?)")
     keep = weights > 0
-    truth, scores, weights = truth[keep], scores[keep], weights[keep]
-    auc = float(roc_auc_score(truth, scores, sample_weight=weights))
-    false_positive, true_positive, _ = roc_curve(truth, scores, sample_weight=weights, drop_intermediate=False)
-    success = float(np.max((true_positive + 1.0 - false_positive) / 2.0))
-    return auc, success
+    return float(roc_auc_score(truth[keep], scores[keep], sample_weight=weights[keep]))
+
+
+def balanced_accuracy(
+    member_scores: np.ndarray,
+    nonmember_scores: np.ndarray,
+    threshold: float,
+    member_weights: np.ndarray | None = None,
+    nonmember_weights: np.ndarray | None = None,
+) -> float:
+    """(TPR + TNR) / 2 of the rule "member iff score >= threshold" (weighted rates)."""
+    member_scores, member_weights = _scores_and_weights(member_scores, member_weights, "member")
+    nonmember_scores, nonmember_weights = _scores_and_weights(nonmember_scores, nonmember_weights, "non-member")
+    true_positive = np.sum(member_weights * (member_scores >= threshold)) / np.sum(member_weights)
+    true_negative = np.sum(nonmember_weights * (nonmember_scores < threshold)) / np.sum(nonmember_weights)
+    return float((true_positive + true_negative) / 2.0)
+
+
+def fit_threshold(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+    """The threshold of highest balanced accuracy on these (shadow) scores, "member iff score >= t".
+
+    Candidates are the midpoints between adjacent distinct scores (and ±inf); the lowest of equally
+    good ones wins. Fit it on shadow data: the best threshold on the evaluated data is an oracle's.
+    """
+    members = np.sort(_scores_and_weights(member_scores, None, "member")[0])
+    nonmembers = np.sort(_scores_and_weights(nonmember_scores, None, "non-member")[0])
+    distinct = np.unique(np.concatenate([members, nonmembers]))
+    candidates = np.concatenate([[-np.inf], (distinct[:-1] + distinct[1:]) / 2.0, [np.inf]])
+    true_positive = 1.0 - np.searchsorted(members, candidates, side="left") / len(members)
+    true_negative = np.searchsorted(nonmembers, candidates, side="left") / len(nonmembers)
+    return float(candidates[np.argmax(true_positive + true_negative)])
 
 
 def _labels_of(dataset: Dataset) -> np.ndarray:
@@ -157,6 +200,11 @@ def _stratified_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nd
 class MembershipInference:
     """Both attacks, with the shadow models trained once and reused for every target model.
 
+    :meth:`fit` trains the shadows and fits, on their in/out examples only, the attack classifier
+    and one threshold per attack (``loss_threshold`` on -loss, ``shadow_threshold`` on the
+    classifier's decision function). Without a shadow pool nothing can be fit: the loss attack's
+    AUC is reported and its success is NaN.
+
     ``model_factory()`` must build an untrained model of the target's architecture;
     ``shadow_training`` should roughly mimic how much the target fitted each training example
     (see docs/metrics.md). ``shadow_pool`` must be disjoint from the members and non-members
@@ -193,11 +241,21 @@ class MembershipInference:
         self.match_classes = match_classes
         self.batch_size = batch_size
         self.attack_model = None
+        # Fit on the shadows' in/out examples (member iff score >= threshold); NaN until fitted.
+        self.loss_threshold = math.nan
+        self.shadow_threshold = math.nan
+        # The shadows' own scores the thresholds were fit on: {"loss" | "shadow": (in, out)}.
+        self.shadow_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.summary: dict[str, float | int] = {}
 
     @property
     def uses_shadow_models(self) -> bool:
         return self.shadow_pool is not None
+
+    @property
+    def headline(self) -> str:
+        """The attack ``mia_auc`` / ``mia_success`` report, fixed before any model is attacked."""
+        return "shadow" if self.uses_shadow_models else "loss"
 
     @property
     def fitted(self) -> bool:
@@ -208,7 +266,7 @@ class MembershipInference:
         if not self.uses_shadow_models:
             return self
         pool_labels = _labels_of(self.shadow_pool)
-        features, truth, in_accuracies, out_accuracies = [], [], [], []
+        features, truth, losses, in_accuracies, out_accuracies = [], [], [], [], []
         for shadow in range(self.num_shadows):
             inside, outside = _stratified_halves(pool_labels, derive_seed(self.seed, "mia-shadow-split", shadow))
             with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's RNG
@@ -225,6 +283,7 @@ class MembershipInference:
                 part = Subset(self.shadow_pool, rows.tolist())
                 logits, labels = model_outputs(model, part, self.device, self.batch_size)
                 features.append(attack_features(logits, labels))
+                losses.append(per_example_loss(logits, labels))
                 truth.append(np.full(len(labels), is_member))
                 accuracies.append(accuracy(logits, labels))
         features_all, truth_all = np.concatenate(features), np.concatenate(truth)
@@ -232,12 +291,24 @@ class MembershipInference:
         # classifier would learn the shadows' noise; AUC only needs a good ranking.
         self.attack_model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
         self.attack_model.fit(features_all, truth_all)
+        is_in = truth_all == 1
+        loss_scores = -np.concatenate(losses)
+        decision = self.attack_model.decision_function(features_all)
+        self.shadow_scores = {
+            "loss": (loss_scores[is_in], loss_scores[~is_in]),
+            "shadow": (decision[is_in], decision[~is_in]),
+        }
+        self.loss_threshold = fit_threshold(*self.shadow_scores["loss"])
+        self.shadow_threshold = fit_threshold(*self.shadow_scores["shadow"])
         self.summary = {
             "num_shadows": self.num_shadows,
             "shadow_pool_size": len(self.shadow_pool),
             "shadow_in_accuracy": float(np.mean(in_accuracies)),
             "shadow_out_accuracy": float(np.mean(out_accuracies)),
-            "attack_train_auc": float(roc_auc_score(truth_all, self.attack_model.decision_function(features_all))),
+            "attack_train_auc": float(roc_auc_score(truth_all, decision)),
+            # "member iff loss <= this" (nats), fit on the shadows
+            "loss_threshold_nats": -self.loss_threshold,
+            "shadow_threshold": self.shadow_threshold,
         }
         return self
 
@@ -272,11 +343,17 @@ class MembershipInference:
             member_weights, nonmember_weights = class_matching_weights(member_labels.numpy(), nonmember_labels.numpy())
         else:
             member_weights, nonmember_weights = np.ones(len(member_labels)), np.ones(len(nonmember_labels))
-        loss_auc, loss_success = auc_and_success(
+
+        def numbers(member_scores: np.ndarray, nonmember_scores: np.ndarray, threshold: float) -> tuple[float, float]:
+            auc = membership_auc(member_scores, nonmember_scores, member_weights, nonmember_weights)
+            if math.isnan(threshold):  # no shadows: nothing to fit a threshold on
+                return auc, math.nan
+            return auc, balanced_accuracy(member_scores, nonmember_scores, threshold, member_weights, nonmember_weights)
+
+        loss_auc, loss_success = numbers(
             -per_example_loss(member_logits, member_labels),
             -per_example_loss(nonmember_logits, nonmember_labels),
-            member_weights,
-            nonmember_weights,
+            self.loss_threshold,
         )
         result: dict[str, float | int | str] = {
             "mia_loss_auc": loss_auc,
@@ -285,20 +362,19 @@ class MembershipInference:
             "mia_shadow_success": math.nan,
         }
         if self.uses_shadow_models:
-            shadow_auc, shadow_success = auc_and_success(
+            shadow_auc, shadow_success = numbers(
                 self.attack_model.decision_function(attack_features(member_logits, member_labels)),
                 self.attack_model.decision_function(attack_features(nonmember_logits, nonmember_labels)),
-                member_weights,
-                nonmember_weights,
+                self.shadow_threshold,
             )
             result.update(mia_shadow_auc=shadow_auc, mia_shadow_success=shadow_success)
-        # The headline is the worst case for privacy: whichever attack ranks members higher on
-        # this model (both of its numbers, so AUC and success always describe one attack).
-        stronger = "shadow" if self.uses_shadow_models and result["mia_shadow_auc"] > loss_auc else "loss"
+        # The headline is one attack chosen before seeing any model (both of its numbers, so AUC and
+        # success describe one attack): a maximum over attacks would be biased above chance.
+        chosen = self.headline
         result.update(
-            mia_auc=result[f"mia_{stronger}_auc"],
-            mia_success=result[f"mia_{stronger}_success"],
-            mia_attack=ATTACK_NAMES[stronger],
+            mia_auc=result[f"mia_{chosen}_auc"],
+            mia_success=result[f"mia_{chosen}_success"],
+            mia_attack=ATTACK_NAMES[chosen],
             mia_members=int(np.count_nonzero(member_weights)),
             mia_nonmembers=int(np.count_nonzero(nonmember_weights)),
         )
