@@ -28,6 +28,8 @@ TRAINING_KEYS = (
     "local-epochs", "batch-size", "lr", "momentum", "seed", "fraction-train",
     "backdoor-client", "poison-fraction", "target-class", "trigger-size", "trigger-position",
     "forget-share", "exclusive-class", "lr-decay",
+    # In order: the first deleted client is the one forget-share / exclusive-class give their data to.
+    "forget-clients",
 )
 # The code that trains a model: a change in any of these modules changes the key (their source is hashed).
 TRAINING_MODULES = (

@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 from fedunlearn import config as run_config
 from fedunlearn.federation import build_federation
 from fedunlearn.training import REPLAY_ROUND_BASE, derive_seed, objective, round_lr, train_local
-from simulations import preset_path, preset_paths
+from simulations import preset_paths
 
 BENCHMARK_PRESETS = ("large-deletion", "exclusive-class", "converged", "fashion-mnist")
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")

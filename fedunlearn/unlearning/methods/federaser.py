@@ -22,12 +22,14 @@ import torch
 
 from fedunlearn.config import ConfigKey, positive_int, unit_interval
 from fedunlearn.errors import UnlearningFailed
+from fedunlearn.training import REPLAY_ROUND_BASE
 from fedunlearn.unlearning.api import TRAIN, Deletion, Every, FederationPort, Method, Outcome, Requirements, State
 from fedunlearn.unlearning.history import StoredRound, storage_bytes
 from fedunlearn.unlearning.registry import register
 
-# Calibration rounds are numbered past any training round so their shuffling seeds stay distinct.
-CALIBRATION_ROUND_BASE = 1_000_000
+# Calibration rounds are numbered past any training round so their shuffling seeds stay distinct
+# (and the lr schedule knows them: they train at the last training round's lr).
+CALIBRATION_ROUND_BASE = REPLAY_ROUND_BASE
 
 
 class ReplayClients(Protocol):
