@@ -50,7 +50,7 @@ def test_train_unlearn_goes_to_the_affected_client_only(deletion_runs):
 def test_every_method_is_reported_with_the_same_keys(deletion_runs):
     (results, _, completed), _ = deletion_runs
     methods = results["methods"]
-    assert list(methods) == ["original", "retrain", "hf-kcu", "hf-kcu-global", "kfac"]
+    assert list(methods) == ["original", "retrain", "retrain-2", "hf-kcu", "hf-kcu-global", "kfac"]
     for name in ("hf-kcu", "hf-kcu-global", "kfac"):
         entry = methods[name]
         for key in ("test_accuracy", "forget_accuracy", "retain_accuracy", "seconds", "speedup"):
