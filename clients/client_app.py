@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -174,10 +175,14 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
             vector = [vector_record[name].to(device) for name in names]
         local_data = federation.client_data(partition_id)
         batches = _on_device(batches_of(local_data, federation.config["curvature-batch-size"]), device)
+        if bool(message_config.get("float64", False)):  # exact arithmetic for the release certificate (unlearning/certify.py)
+            model.double()
+            batches = [(inputs.double(), targets) for inputs, targets in batches]
+            vector = None if vector is None else [v.double() for v in vector]
         result = compute(model, names, batches, message_config, vector)
         content = RecordDict(
             {
-                "result": ArrayRecord({name: r.detach().cpu().contiguous() for name, r in zip(names, result)}),
+                "result": ArrayRecord({name: r.detach().cpu().contiguous() for name, r in _named(result, names).items()}),
                 "metrics": MetricRecord({"num-examples": len(local_data)}),
                 "client": _client_identity(partition_id),
             }
@@ -189,6 +194,12 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         app.query(kind)(functools.partial(answer_query, compute))
 
     return app
+
+
+def _named(result, names) -> dict:
+    """A query's answer by name: parameter-shaped lists follow ``names``; a mapping (e.g. KFAC
+    factors per layer) keeps its own keys."""
+    return dict(result) if isinstance(result, Mapping) else dict(zip(names, result))
 
 
 def _on_device(batches, device):

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
+from fedunlearn.curvature.kfac import factors_from_arrays, sum_factors
 from fedunlearn.errors import UnlearningFailed
 from fedunlearn.unlearning.api import QUERY_PREFIX, Deletion, Every, Reply, State, Training, TrainingHook
 from fedunlearn.unlearning.history import RoundHistory
@@ -206,6 +207,15 @@ class FederatedObjective:
 
     def diagonal_fisher(self, param_names: Sequence[str]) -> list[Tensor]:
         return self._round("fisher", param_names, {}, None)
+
+    def kfac_factors(self, param_names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """One ``query.kfac_factors`` round: Σ_j q_j A_j and Σ_j q_j G_j per layer, which are the
+        KFAC factors of the clients' pooled data (the factors are example means)."""
+        replies = self.port.send(
+            QUERY_PREFIX + "kfac_factors", self.partitions, {"arrays": self.state}, {"param-names": list(param_names)}
+        )
+        self.rounds += 1
+        return sum_factors({k: factors_from_arrays(reply.arrays["result"]) for k, reply in replies.items()}, self.weights)
 
 
 __all__ = ["FederatedObjective", "GridPort", "MessageType"]

@@ -114,3 +114,42 @@ def test_config_resolution_and_errors():
     with pytest.raises(ConfigError) as info:
         KFACInverse(model, batches, settings(damping=0.0))
     assert info.value.key == "damping"
+
+
+def test_clients_factors_weighted_by_their_sizes_are_the_factors_of_the_pooled_data():
+    # The server adds the remaining clients' factors with q_j = n_j / n: that must be KFAC of their
+    # union (uneven sizes and batch splits, so a plain mean or a per-batch weighting would fail).
+    from fedunlearn.curvature.kfac import factors_from_arrays, factors_to_arrays, sum_factors
+
+    model, _ = conv_model(seed=3)
+    torch.manual_seed(4)
+    sizes = (3, 11, 17)
+    data = [(torch.randn(n, 1, 4, 4, dtype=F64), torch.randint(0, 3, (n,))) for n in sizes]
+    per_client = {}
+    for client, (x, y) in enumerate(data):
+        batches = [(x[i : i + 5], y[i : i + 5]) for i in range(0, len(x), 5)]
+        factors, _, _ = compute_kfac_factors(model, batches)
+        per_client[client] = factors_from_arrays(factors_to_arrays(factors))  # as a reply carries them
+    weights = {client: n / sum(sizes) for client, n in enumerate(sizes)}
+    x_all, y_all = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    pooled, _, _ = compute_kfac_factors(model, [(x_all[i : i + 8], y_all[i : i + 8]) for i in range(0, len(x_all), 8)])
+    summed = sum_factors(per_client, weights)
+    assert sorted(summed) == sorted(pooled)
+    for layer, (a, g) in pooled.items():
+        torch.testing.assert_close(summed[layer][0], a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(summed[layer][1], g, rtol=1e-10, atol=1e-12)
+    unweighted = sum_factors(per_client, {client: 1 / len(sizes) for client in per_client})
+    assert not torch.allclose(unweighted["0"][0], pooled["0"][0], rtol=1e-3)
+
+
+def test_an_inverse_from_given_factors_equals_the_one_computed_from_the_data():
+    model, batches = conv_model(seed=5)
+    config = settings(damping=0.05)
+    direct = KFACInverse(model, batches, config)
+    factors, _, _ = compute_kfac_factors(model, batches)
+    given = KFACInverse.from_factors(factors, model, config)
+    gradient = loss_gradient(model, None, batches)
+    for a, b in zip(direct @ gradient, given @ gradient):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="KFAC layers"):
+        KFACInverse.from_factors({"0": factors["0"]}, model, config)

@@ -177,6 +177,33 @@ def test_hf_kcu_global_through_the_port_equals_the_in_process_solve(tmp_path):
     assert outcome.details["queried_clients"] == [0, 2, 3]
 
 
+def test_kfac_through_the_port_is_the_in_process_step_on_the_remaining_factors(tmp_path):
+    # Deleting 1 and 3: the factors come from 0 and 2 (query.kfac_factors), the forget gradient is
+    # the example-weighted mean of 1's and 3's (query.gradient), the weight n_f / n_rem.
+    config = _config(tmp_path, **{"damping": 0.05})
+    grid, port, federation = grid_port(config)
+    trained = _trained(port, config)
+    outcome = create_method("kfac", config).unlearn(port, Deletion(forget_clients=(3, 1), trained_state=trained, trained_rounds=3))
+    assert grid.partitions_sent("query.kfac_factors") == [0, 2]
+    assert grid.partitions_sent("query.gradient") == [1, 3]
+    assert grid.partitions_sent("train.unlearn") == []
+    model = federation.new_model()
+    model.load_state_dict(trained)
+    batches = {k: batches_of(federation.client_data(k), config["curvature-batch-size"]) for k in range(4)}
+    sizes = {k: len(federation.client_data(k)) for k in range(4)}
+    update = create_method("kfac", config).newton_step(
+        model,
+        InProcessRemainingClients(model, {k: batches[k] for k in (0, 2)}),
+        InProcessRemainingClients(model, {k: batches[k] for k in (1, 3)}),
+        (sizes[1] + sizes[3]) / (sizes[0] + sizes[2]),
+    )
+    for name, delta in zip(update.param_names, update.delta):
+        assert float(delta.norm()) > 0
+        torch.testing.assert_close(outcome.state[name], trained[name] + delta, rtol=1e-4, atol=1e-6)
+    assert outcome.affected_clients == [1, 3] and outcome.communication_rounds == 1
+    assert outcome.details["queried_clients"] == [0, 2]
+
+
 def test_federaser_replays_the_stored_rounds_on_the_remaining_clients_only(tmp_path):
     config = _config(tmp_path, **{"num-rounds": 5, "federaser-interval": 2})
     grid, port, _ = grid_port(config)
@@ -238,10 +265,10 @@ def test_a_method_registered_in_one_place_runs_through_the_job(tmp_path):
 
 
 def test_job_on_the_in_process_grid_fails_one_method_and_applies_the_others(tmp_path):
-    config = _config(tmp_path, **{"unlearn-methods": "hf-kcu-global,kfac", "forget-clients": "1"})
+    config = _config(tmp_path, **{"unlearn-methods": "hf-kcu-global,kfac-forget", "forget-clients": "1"})
     grid = FakeGrid(build_client_app(bound_config=config), 4)
     job = FederatedJob(grid, config, None, None)
-    # Client 1 (the deleted one) fails once training is over: kfac (train.unlearn to it) fails,
+    # Client 1 (the deleted one) fails once training is over: kfac-forget (train.unlearn to it) fails,
     # hf-kcu-global (queries to the others) is applied.
     original_send = grid.send_and_receive
 
@@ -253,7 +280,7 @@ def test_job_on_the_in_process_grid_fails_one_method_and_applies_the_others(tmp_
 
     grid.send_and_receive = failing_after_training
     record = job.run()
-    assert "failed" in record.methods["kfac"] and "kl_to_retrain" in record.methods["hf-kcu-global"]
+    assert "failed" in record.methods["kfac-forget"] and "kl_to_retrain" in record.methods["hf-kcu-global"]
     statuses = [(e["status"], e.get("method")) for e in map(json.loads, (tmp_path / "ledger.jsonl").read_text().splitlines())]
-    assert statuses == [("pending", None), ("applied", "hf-kcu-global"), ("failed", "kfac")]
+    assert statuses == [("pending", None), ("applied", "hf-kcu-global"), ("failed", "kfac-forget")]
     assert record.communication["train_unlearn_sent_to"] == [1]

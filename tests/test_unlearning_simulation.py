@@ -37,14 +37,15 @@ def test_train_unlearn_goes_to_the_affected_client_only(deletion_runs):
     (results, _, _), _ = deletion_runs
     communication = results["communication"]
     assert communication["train_unlearn_sent_to"] == [1]
-    # hf-kcu and kfac: one train.unlearn each, to client 1; hf-kcu-global asks the *other* clients.
-    assert communication["messages_by_type"]["train.unlearn"] == 2
-    global_details = results["methods"]["hf-kcu-global"]["details"]
-    assert global_details["queried_clients"] == [0, 2, 3]
-    for method in ("hf-kcu", "kfac"):
-        details = results["methods"][method]["details"]
-        assert list(details["clients"]) == ["1"]  # replies came from client 1 alone
-        assert details["causal_weights"] == {"1": 1.0}
+    # hf-kcu: one train.unlearn, to client 1; hf-kcu-global and kfac ask the *other* clients
+    # (curvature products / KFAC factors) and kfac asks client 1 for its gradient.
+    assert communication["messages_by_type"]["train.unlearn"] == 1
+    assert communication["messages_by_type"]["query.kfac_factors"] == 3
+    for method in ("hf-kcu-global", "kfac"):
+        assert results["methods"][method]["details"]["queried_clients"] == [0, 2, 3]
+    details = results["methods"]["hf-kcu"]["details"]
+    assert list(details["clients"]) == ["1"]  # replies came from client 1 alone
+    assert details["causal_weights"] == {"1": 1.0}
 
 
 def test_every_method_is_reported_with_the_same_keys(deletion_runs):

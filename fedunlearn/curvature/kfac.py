@@ -19,7 +19,7 @@ tokens) have no KFAC curvature; they get the damped-identity update gradient / l
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,40 @@ def compute_kfac_factors(
     return factors, layers, uncovered
 
 
+FACTOR_KEY_SEPARATOR = "::"
+
+
+def factors_to_arrays(factors: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """{"<layer>::A": A, "<layer>::G": G}: KFAC factors as one flat record (a client's reply)."""
+    flat = {}
+    for layer, (a, g) in factors.items():
+        flat[f"{layer}{FACTOR_KEY_SEPARATOR}A"], flat[f"{layer}{FACTOR_KEY_SEPARATOR}G"] = a, g
+    return flat
+
+
+def factors_from_arrays(arrays: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """The inverse of :func:`factors_to_arrays`."""
+    layers = sorted({key.rsplit(FACTOR_KEY_SEPARATOR, 1)[0] for key in arrays})
+    return {layer: (arrays[f"{layer}{FACTOR_KEY_SEPARATOR}A"], arrays[f"{layer}{FACTOR_KEY_SEPARATOR}G"]) for layer in layers}
+
+
+def sum_factors(
+    per_client: Mapping[int, Mapping[str, tuple[Tensor, Tensor]]], weights: Mapping[int, float]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Σ_j w_j A_j and Σ_j w_j G_j per layer, summed in client order. With w_j = n_j / Σ n_i these
+    are the factors KFAC computes on the clients' pooled data (both factors are example means;
+    checked in tests/test_kfac.py)."""
+    total: dict[str, tuple[Tensor, Tensor]] = {}
+    for client in sorted(per_client):
+        w = weights[client]
+        for layer, (a, g) in per_client[client].items():
+            if layer in total:
+                total[layer] = (total[layer][0] + w * a, total[layer][1] + w * g)
+            else:
+                total[layer] = (w * a, w * g)
+    return total
+
+
 def _joint_gradient(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
     joint = weight_grad.reshape(weight_grad.shape[0], -1)
     if bias_grad is not None:
@@ -124,19 +158,42 @@ class KFACInverse:
         loss_module: nn.Module | None = None,
         fisher_type: str = "type-2",
     ):
-        damping, factor_solver, uncovered, seed = settings.damping, settings.factor_solver, settings.kfac_uncovered, settings.seed
-        if uncovered not in UNCOVERED_POLICIES:
-            raise ConfigError("kfac-uncovered", uncovered, UNCOVERED_POLICIES)
+        start = time.perf_counter()
+        names = resolve_param_names(model, param_names)
+        factors, layers, uncovered = compute_kfac_factors(
+            model, batches, names, loss_module, fisher_type, seed=settings.seed
+        )
+        self._build(factors, layers, uncovered, names, settings, factor_seconds=time.perf_counter() - start)
+
+    @classmethod
+    def from_factors(
+        cls,
+        factors: dict[str, tuple[Tensor, Tensor]],
+        model: nn.Module,
+        settings: SolverSettings,
+        param_names: Sequence[str] | None = None,
+    ) -> KFACInverse:
+        """The inverse of given undamped factors (e.g. the remaining clients' factors, aggregated
+        by the server) for ``model``'s layers; ``factors`` must cover exactly its KFAC layers."""
+        names = resolve_param_names(model, param_names)
+        layers, uncovered = kfac_layers(model, names)
+        if set(factors) != set(layers):
+            raise ValueError(f"factors for layers {sorted(factors)}, the model's KFAC layers are {sorted(layers)}")
+        inverse = cls.__new__(cls)
+        inverse._build(factors, layers, uncovered, names, settings, factor_seconds=0.0)
+        return inverse
+
+    def _build(self, factors, layers, uncovered, names, settings: SolverSettings, factor_seconds: float) -> None:
+        damping, factor_solver, uncovered_policy = settings.damping, settings.factor_solver, settings.kfac_uncovered
+        if uncovered_policy not in UNCOVERED_POLICIES:
+            raise ConfigError("kfac-uncovered", uncovered_policy, UNCOVERED_POLICIES)
         if not damping > 0:
             raise ConfigError("damping", damping, "a number > 0")
         start = time.perf_counter()
-        self.param_names = resolve_param_names(model, param_names)
+        self.param_names = list(names)
         self.settings = settings
-        self.damping, self.uncovered_policy = float(damping), uncovered
-        factors, self.layers, self.uncovered = compute_kfac_factors(
-            model, batches, self.param_names, loss_module, fisher_type, seed=seed
-        )
-        factor_seconds = time.perf_counter() - start
+        self.damping, self.uncovered_policy = float(damping), uncovered_policy
+        self.layers, self.uncovered = layers, uncovered
         self.factors = factors
         self.inverses = {}
         layer_diagnostics = {}
@@ -162,9 +219,9 @@ class KFACInverse:
             "damping": self.damping,
             "layers": layer_diagnostics,
             "uncovered_params": list(self.uncovered),
-            "uncovered_policy": uncovered,
+            "uncovered_policy": uncovered_policy,
             "factor_seconds": factor_seconds,
-            "seconds": time.perf_counter() - start,
+            "seconds": factor_seconds + time.perf_counter() - start,
         }
 
     def apply(self, vectors: Sequence[Tensor]) -> list[Tensor]:

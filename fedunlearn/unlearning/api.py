@@ -175,6 +175,10 @@ class RemainingClients(Protocol):
 
     def diagonal_fisher(self, param_names: Sequence[str]) -> list[Tensor]: ...
 
+    def kfac_factors(self, param_names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """The clients' undamped KFAC factors (A, G) per layer, example-weighted: the factors of
+        their pooled data."""
+
 
 class FederationPort(Protocol):
     """The federation as a method sees it (implemented by ``strategies.port.GridPort``)."""

@@ -34,6 +34,9 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 def client_query(kind: str) -> Callable[[Callable], Callable]:
     """Function decorator: a ``query.<kind>`` the clients answer with ``function(model, names, batches, message_config)``."""
 
+    if not kind.isidentifier():  # Flower registers ``query.<kind>`` handlers only under identifiers
+        raise ValueError(f"client query kind {kind!r} must be a Python identifier (e.g. {kind.replace('-', '_')!r})")
+
     def decorate(function: Callable) -> Callable:
         _QUERIES[kind] = function
         return function
@@ -108,7 +111,7 @@ def describe_methods() -> str:
             needs.append("statistics every round")
         if requirements.client_solve:
             needs.append("solves on the affected clients (train.unlearn)")
-        needs += [f"query.{kind} to the remaining clients" for kind in requirements.client_queries]
+        needs += [f"query.{kind}" for kind in requirements.client_queries]
         lines.append(f"{name}: {cls.summary or cls.__doc__ or ''}".rstrip())
         lines.append(f"    needs: {'; '.join(needs) or 'the trained model only'}")
         if cls.config_keys:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn as nn
 from torch import Tensor
 
+from fedunlearn.curvature.kfac import compute_kfac_factors, sum_factors
 from fedunlearn.unlearning.methods.fisher import diagonal_fisher
 from fedunlearn.unlearning.objective import count_examples, objective_curvature_product, objective_gradient
 
@@ -41,3 +42,10 @@ class InProcessRemainingClients:
 
     def diagonal_fisher(self, param_names: Sequence[str]) -> list[Tensor]:
         return self._weighted_sum(lambda batches: diagonal_fisher(self.model, param_names, batches))
+
+    def kfac_factors(self, param_names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        per_client = {
+            client: compute_kfac_factors(self.model, batches, param_names)[0] for client, batches in self.client_batches.items()
+        }
+        self.rounds += 1
+        return sum_factors(per_client, self.weights)
