@@ -161,6 +161,49 @@ def test_client_side_update_is_the_causally_weighted_scaled_sum_of_the_affected_
         torch.testing.assert_close(outcome.state[name], expected[name], rtol=1e-5, atol=1e-7)
 
 
+def test_the_ablation_without_causal_weighting_sums_the_clients_updates_with_equal_weights(tmp_path):
+    # Without adaptive scaling the two runs differ only in the weights: on = w_k Δ_k with
+    # w = |K| ‖g_k‖ / Σ‖g_j‖ (≠ 1 here), off = Δ_0 + Δ_2.
+    runs = {}
+    for weighting in ("on", "off"):
+        config = _config(tmp_path / weighting, **{"scaling-constant": 0.0, "curvature": "ggn", "cg-iters": 5, "causal-weighting": weighting})
+        _, port, _ = grid_port(config)
+        trained = _trained(port, config)
+        outcome = create_method("hf-kcu", config).unlearn(port, Deletion(forget_clients=(0, 2), trained_state=trained, trained_rounds=3))
+        runs[weighting] = (trained, outcome)
+    on, off = runs["on"][1], runs["off"][1]
+    assert off.details["causal_weights"] == {"0": 1.0, "2": 1.0} and off.details["causal_weighting"] == "off"
+    weights = {int(k): w for k, w in on.details["causal_weights"].items()}
+    assert weights[0] != pytest.approx(1.0) and weights[0] + weights[2] == pytest.approx(2.0)
+    # Per client, Δ_k = (on's norm before scaling) / w_k = off's norm: the same solves, other weights.
+    for k in (0, 2):
+        assert on.details["update_norms_before_scaling"][str(k)] == pytest.approx(weights[k] * off.details["update_norms_before_scaling"][str(k)], rel=1e-5)
+    trained = runs["on"][0]
+    assert any(not torch.allclose(on.state[name], off.state[name]) for name in trained)
+    with pytest.raises(run_config.ConfigError, match="causal-weighting"):
+        run_config.resolve({**BASE, "causal-weighting": "maybe"})
+
+
+def test_a_variant_label_runs_the_method_with_its_own_keys_on_the_clients_too(tmp_path):
+    # The label travels in train.unlearn; the client must apply cg-iters=1 from it, or its CG would
+    # run the run's 5 iterations.
+    config = _config(tmp_path, **{"curvature": "ggn", "cg-iters": 5, "unlearn-methods": "hf-kcu,hf-kcu[causal-weighting=off;cg-iters=1]"})
+    _, port, _ = grid_port(config)
+    trained = _trained(port, config)
+    variant = create_method("hf-kcu[causal-weighting=off;cg-iters=1]", config)
+    assert variant.name == "hf-kcu[causal-weighting=off;cg-iters=1]" and variant.config["cg-iters"] == 1
+    assert variant.config["causal-weighting"] == "off" and config["cg-iters"] == 5
+    outcome = variant.unlearn(port, Deletion(forget_clients=(0, 2), trained_state=trained, trained_rounds=3))
+    assert outcome.details["causal_weighting"] == "off"
+    assert all(client["cg_iterations"] == 1 for client in outcome.details["clients"].values())
+    plain = create_method("hf-kcu", config).unlearn(port, Deletion(forget_clients=(0, 2), trained_state=trained, trained_rounds=3))
+    assert all(client["cg_iterations"] > 1 for client in plain.details["clients"].values())
+    for bad, named in (("hf-kcu[num-rounds=3]", "num-rounds"), ("hf-kcu[causal-weighting]", "key=value"),
+                       ("hf-kcu[causal-weighting=maybe]", "causal-weighting"), ("hf-kcu,hf-kcu", "twice")):
+        with pytest.raises(run_config.ConfigError, match=named):
+            run_config.resolve({**BASE, "unlearn-methods": bad})
+
+
 def test_hf_kcu_global_through_the_port_equals_the_in_process_solve(tmp_path):
     config = _config(tmp_path, **{"cg-iters": 5})
     _, port, federation = grid_port(config)

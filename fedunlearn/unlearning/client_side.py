@@ -48,7 +48,12 @@ class ClientSideMethod(Method):
             if "epsilon" in reply.info:
                 epsilons.append(float(reply.info["epsilon"]))
             client_details[partition] = {"seconds": float(reply.metrics["seconds"]), **details}
-        weights = causal_weights(norms, affected, sorted(port.clients))
+        # The ablation without causal weighting (HF-KCU Table 4): every affected client weighs 1.
+        weighting = str(self.config.get("causal-weighting", "on"))
+        if weighting == "on":
+            weights = causal_weights(norms, affected, sorted(port.clients))
+        else:
+            weights = {client: float(client in affected) for client in sorted(port.clients)}
         total_delta = [torch.zeros_like(state[name]) for name in names]
         scales, norms_before_scaling = {}, {}
         scaling_constant = float(self.config["scaling-constant"]) if self.adaptive_scaling else 0.0
@@ -58,6 +63,7 @@ class ClientSideMethod(Method):
             scales[partition] = adaptive_scale(weighted, scaling_constant) if self.adaptive_scaling else 1.0
             total_delta = [t + scales[partition] * w for t, w in zip(total_delta, weighted)]
         details: dict[str, Any] = {
+            "causal_weighting": weighting,
             "causal_weights": {str(k): w for k, w in weights.items() if w},
             "adaptive_scales": {str(k): s for k, s in scales.items()},
             "update_norms_before_scaling": {str(k): n for k, n in norms_before_scaling.items()},

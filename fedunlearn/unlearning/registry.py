@@ -60,17 +60,58 @@ def method_classes() -> Mapping[str, type[Method]]:
     return dict(sorted(_METHODS.items()))
 
 
+def split_label(label: str) -> tuple[str, dict[str, str]]:
+    """``"hf-kcu[causal-weighting=off;scaling-constant=0]"`` -> ("hf-kcu", {key: text}): a method
+    run with some of its own keys (or the solver's) set apart from the run's, e.g. an ablation."""
+    label = label.strip()
+    if "[" not in label:
+        return label, {}
+    base, _, rest = label.partition("[")
+    if not rest.endswith("]") or not rest[:-1].strip():
+        raise ConfigError("unlearn-methods", label, "a method name, optionally followed by [key=value;key=value]")
+    overrides: dict[str, str] = {}
+    for item in rest[:-1].split(";"):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError("unlearn-methods", label, "a method name, optionally followed by [key=value;key=value]")
+        overrides[key.strip()] = value.strip()
+    return base.strip(), overrides
+
+
 def method_class(name: str) -> type[Method]:
     classes = method_classes()
     try:
-        return classes[name]
+        return classes[split_label(name)[0]]
     except KeyError:
         raise ConfigError("unlearn-methods", name, sorted(classes)) from None
 
 
+def variant_config(label: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config with a variant label's overrides, each checked against the schema. Only the
+    method's own keys and the solver settings may be set per method: training is shared."""
+    from fedunlearn import config as run_config
+    from fedunlearn.curvature.settings import SolverSettings
+
+    cls = method_class(label)
+    _, overrides = split_label(label)
+    allowed = {key.name for key in cls.config_keys} | set(SolverSettings.keys())
+    schema = run_config.keys_by_name()
+    merged = dict(config)
+    for key, text in overrides.items():
+        if key not in allowed:
+            raise ConfigError("unlearn-methods", label, sorted(allowed), reason=f"{key!r} cannot be set per method")
+        merged[key] = run_config.coerce_value(schema[key], text)
+    return merged
+
+
 def create_method(name: str, config: Mapping[str, Any]) -> Method:
-    """A fresh instance for one job (methods may keep state across training and unlearning)."""
-    return method_class(name)(config)
+    """A fresh instance for one job (methods may keep state across training and unlearning). ``name``
+    may be a variant label (:func:`split_label`); the instance then carries the label as its name
+    and the overridden config."""
+    method = method_class(name)(variant_config(name, config))
+    if name != method.name:
+        method.name = name  # results, ledger and the clients' train.unlearn requests use the label
+    return method
 
 
 def client_queries() -> Mapping[str, Callable]:
@@ -79,9 +120,12 @@ def client_queries() -> Mapping[str, Callable]:
 
 
 def parse_methods(text: str) -> list[str]:
+    """The labels of ``unlearn-methods``: names, or variants ``name[key=value;...]``, each once."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     for name in names:
         method_class(name)
+        if names.count(name) > 1:
+            raise ConfigError("unlearn-methods", text, "each method (or variant) once", reason=f"{name!r} is listed twice")
     return names
 
 

@@ -22,6 +22,7 @@ class HFKCU(ClientSideMethod):
     adaptive_scaling = True
     config_keys = (
         ConfigKey("scaling-constant", 1.0, "HF-KCU's adaptive scaling (eq. 21, reconstructed): a client update longer than this (L2 norm) is shortened to it; 0 disables.", check=non_negative_float),
+        ConfigKey("causal-weighting", "on", "HF-KCU's causal weights (eq. 7) on the affected clients' updates, proportional to their forget-gradient norms; off: equal weights (the paper's ablation).", choices=("on", "off")),
     )
 
     def solve(self, model: nn.Module, forget_batches, context: ClientContext) -> ClientUpdate:
