@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -120,6 +121,15 @@ def _floor(entry: dict[str, Any]) -> str:
     return "within" if worst <= 1 else _times(worst)
 
 
+def _label(name: str) -> str:
+    """A method's label for the table: a variant's overrides on lines of their own (the column stays
+    narrow), brackets escaped so rich does not read them as markup."""
+    if "[" in name:
+        base, _, rest = name.partition("[")
+        name = base + "\n [" + rest.replace(";", ";\n  ")
+    return escape(name)
+
+
 def print_summary(study: StudyRecord) -> None:
     config = study.config
     summary = study.summary
@@ -141,12 +151,12 @@ def print_summary(study: StudyRecord) -> None:
     rows = []
     for name, entry in methods.items():
         if entry["runs"] == 0:
-            rows.append([name, "failed"] + [""] * (len(headers) - 2))
+            rows.append([_label(name), "failed"] + [""] * (len(headers) - 2))
             continue
         cells = [_cell(entry["metrics"].get(key), template, scale) for key, _, template, scale in shown]
         if summary["noise_floor"]:
             cells.append(_floor(entry))
-        rows.append([name if not entry["failed_runs"] else f"{name} ({entry['failed_runs']} failed)", *cells])
+        rows.append([_label(name) if not entry["failed_runs"] else f"{_label(name)} ({entry['failed_runs']} failed)", *cells])
     # Each column as wide as its widest line, so rich never cuts a number.
     widths = [max([len(header)] + [len(line) for row in rows for line in row[index].split("\n")])
               for index, header in enumerate(headers)]
@@ -156,7 +166,7 @@ def print_summary(study: StudyRecord) -> None:
         table.add_row(*row)
     console.print(table)
     for name, reason in failed.items():
-        console.print(f"[red]{name} failed[/red]: {reason}")
+        console.print(f"[red]{escape(name)} failed[/red]: {escape(str(reason))}")
     for spec, record in study.runs[:1]:
         sizes = record.partitions.get("sizes", [])
         if sizes and runs == 1:

@@ -130,26 +130,31 @@ def test_sisa_is_exact_for_its_ensemble_and_moves_it_toward_retrain(case):
 
 
 def test_naive_ga_lowers_accuracy_on_the_deleted_data_more_than_on_the_rest(case):
-    """naive-ga claims no closeness to retrain: it climbs the deleted client's loss. Measured: accuracy on
-    client 0's data 0.91 -> 0.63, on the remaining clients' 0.67 -> 0.69."""
+    """naive-ga claims no closeness to retrain: it climbs the deleted client's loss. With the paper's setting
+    (10 epochs, 64-example batches: 110 steps on client 0's 660 images) it reaches 0 on the deleted data and
+    takes the rest down with it, less far. Measured: accuracy on client 0's data 0.91 -> 0.00, on the
+    remaining clients' 0.67 -> 0.18."""
     outcome = case.unlearn("naive-ga")
     forget = case.federation.client_data(DELETED)
     retain = torch.utils.data.ConcatDataset([case.federation.client_data(k) for k in REMAINING])
-    assert case.accuracy(outcome.state, forget) < case.accuracy(case.trained, forget) - 0.15
-    assert case.accuracy(outcome.state, retain) > case.accuracy(case.trained, retain) - 0.05
+    forget_drop = case.accuracy(case.trained, forget) - case.accuracy(outcome.state, forget)
+    retain_drop = case.accuracy(case.trained, retain) - case.accuracy(outcome.state, retain)
+    assert case.accuracy(outcome.state, forget) < 0.1
+    assert forget_drop > retain_drop + 0.2
+    assert outcome.details["clients"]["0"]["optimizer_steps"] == 10 * -(-len(forget) // case.config["batch-size"])
 
 
 def test_fisher_adds_noise_scaled_by_the_remaining_clients_inverse_fisher(case):
-    """fisher claims no step toward retrain (its noise has mean 0; measured KL 0.5213 against θ*'s 0.5179):
-    it perturbs θ* with variance α·min(1/F, 10³), F the remaining clients' example-weighted Fisher, through
-    one real query.fisher round. With α = 1e-2 (not the default 1e-6, so that the noise is large enough to
-    measure; the cap binds on no parameter here) the standardised noise over the 650 parameters must have
-    mean 0 and variance 1: a wrong α, a missing square root or F in place of 1/F fails. What this case
-    cannot tell apart: with or without client 0's data the Fisher differs by at most 1.5x per parameter
-    (logreg's Fisher is mostly the inputs' second moments), too little for 650 draws; the weighting over
-    the remaining clients is checked in closed form in tests/test_fisher.py."""
+    """fisher claims no step toward retrain (its noise has mean 0): it perturbs θ* with the reference's
+    variance, F the remaining clients' example-weighted Fisher, through one real query.fisher round. logreg
+    is all last layer (both tensors have 10 = C rows): v = 10 α · min(1/F, 10²), the weight's averaged over
+    each row. With α = 1e-2 (not the default 1e-6, so that the noise is large enough to measure) the
+    standardised noise over the 650 parameters must have mean 0 and variance 1. No class is held by client
+    0 alone here, so no row is zeroed. The per-kind rules are checked by hand in tests/test_fisher.py."""
     alpha = 1e-2
     outcome = case.unlearn("fisher", **{"fisher-alpha": alpha})
+    assert outcome.details["server"]["forgotten_classes"] == []
+    assert outcome.details["server"]["last_layer_parameters"] == ["linear.weight", "linear.bias"]
     model = case.model(case.trained)
     names = [name for name, _ in model.named_parameters()]
     sizes = {k: len(case.federation.client_data(k)) for k in range(4)}
@@ -159,9 +164,9 @@ def test_fisher_adds_noise_scaled_by_the_remaining_clients_inverse_fisher(case):
         batches = batches_of(case.federation.client_data(k), case.config["curvature-batch-size"])
         for f, value in zip(fisher, diagonal_fisher(model, names, batches)):
             f += (sizes[k] / total) * value
-    assert all(bool((f > 1 / 1e3).all()) for f in fisher)  # the cap binds nowhere: every variance is α/F
+    weight, bias = [10 * alpha * (1 / (f.double() + 1e-8)).clamp(max=1e2) for f in fisher]
+    variance = torch.cat([weight.mean(dim=1, keepdim=True).expand_as(weight).flatten(), bias]).double()
     noise = torch.cat([(outcome.state[name] - case.trained[name]).flatten() for name in names]).double()
-    variance = torch.cat([(alpha * (1 / (f + 1e-8)).clamp(max=1e3)).flatten() for f in fisher]).double()
     z = noise / variance.sqrt()
     n = len(z)
     assert abs(float(z.mean())) < 5 / n**0.5
