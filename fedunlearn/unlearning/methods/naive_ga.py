@@ -1,5 +1,6 @@
-"""Naive gradient ascent (NaiveGA, the HF-KCU paper's baseline): the affected client climbs the loss
-on its own data for ``ga-epochs`` epochs and sends the change.
+"""Naive gradient ascent (NaiveGA, the HF-KCU paper's baseline): the affected client climbs the
+cross-entropy on its own data for ``ga-epochs`` epochs of plain SGD at ``ga-lr``, in mini-batches of the
+run's ``batch-size`` reshuffled every epoch (as local training draws them), and sends the change.
 
 Without a stop rule it reproduces the paper's collapse (its Table 1: 10 % accuracy on CIFAR-10);
 ``ga-stop-forget-accuracy`` > 0 stops as soon as the client's accuracy on its data falls to that level.
@@ -11,10 +12,11 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fedunlearn.config import ConfigKey, closed_unit_interval, positive_float, positive_int
 from fedunlearn.curvature import Batches, resolve_param_names
-from fedunlearn.training import derive_seed, objective, streamed_accuracy
+from fedunlearn.training import derive_seed, streamed_accuracy
 from fedunlearn.unlearning.api import ClientContext, ClientUpdate
 from fedunlearn.unlearning.client_side import ClientSideMethod
 from fedunlearn.unlearning.influence import norm_of
@@ -41,14 +43,20 @@ class NaiveGradientAscent(ClientSideMethod):
         optimizer = torch.optim.SGD(model.parameters(), lr=float(config["ga-lr"]))
         generator = torch.Generator().manual_seed(derive_seed(context.seed, "naive-ga", context.partition_id))
         epochs = int(config["ga-epochs"])
-        epochs_run, stopped_early, accuracy_by_epoch = 0, False, []
+        # The client app cuts the data at curvature-batch-size; the ascent uses the training batch size.
+        inputs_all = torch.cat([inputs for inputs, _ in forget_batches])
+        targets_all = torch.cat([targets for _, targets in forget_batches])
+        batch_size = int(config["batch-size"])
+        epochs_run, stopped_early, accuracy_by_epoch, steps = 0, False, [], 0
         for _ in range(epochs):
             model.train()
-            for index in torch.randperm(len(forget_batches), generator=generator).tolist():
-                inputs, targets = forget_batches[index]
+            order = torch.randperm(len(targets_all), generator=generator).to(targets_all.device)
+            for batch in order.split(batch_size):
+                inputs, targets = inputs_all[batch], targets_all[batch]
                 optimizer.zero_grad(set_to_none=True)
-                (-objective(model, model(inputs), targets)).backward()  # ascent: minimise the negated loss
+                (-F.cross_entropy(model(inputs), targets)).backward()  # ascent: minimise the negated loss
                 optimizer.step()
+                steps += 1
             epochs_run += 1
             accuracy_by_epoch.append(streamed_accuracy(model.eval(), forget_batches))
             if stop_at > 0 and accuracy_by_epoch[-1] <= stop_at:
@@ -64,6 +72,8 @@ class NaiveGradientAscent(ClientSideMethod):
             num_forget_examples=count_examples(forget_batches),
             diagnostics={
                 "epochs_run": epochs_run,
+                "batch_size": batch_size,
+                "optimizer_steps": steps,
                 "stopped_early": stopped_early,
                 "forget_accuracy_by_epoch": accuracy_by_epoch,
                 "final_forget_accuracy": accuracy_by_epoch[-1] if accuracy_by_epoch else streamed_accuracy(model.eval(), forget_batches),
