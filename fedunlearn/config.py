@@ -83,14 +83,17 @@ def seed_list(config: Mapping[str, Any]) -> list[int]:
 
 
 def _method_list(value: Any) -> str | None:
-    from fedunlearn.unlearning.registry import method_classes
+    from fedunlearn.unlearning.registry import method_classes, split_label
 
     methods = method_classes()
-    description = "a comma list of " + ", ".join(methods)
+    description = "a comma list of " + ", ".join(methods) + " (each optionally with [key=value;...])"
     if value is _OUT_OF_RANGE_PROBE:
         return description
     names = [part.strip() for part in str(value).split(",") if part.strip()]
-    return None if all(name in methods for name in names) else description
+    try:
+        return None if all(split_label(name)[0] in methods for name in names) else description
+    except ConfigError as error:
+        return f"{description}: {error}"
 
 
 open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
@@ -106,6 +109,7 @@ CORE_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("download", False, "Download mnist / fashion-mnist / cifar10 into data-dir when missing."),
     ConfigKey("mnist1d-samples", 20000, "mnist1d: signals generated offline (fixed generator seed), split 80/20 into train and test; cached in the project cache.", check=_range("an integer >= 100", lambda v: v >= 100)),
     ConfigKey("model", "simple-cnn", "Model architecture.", MODELS),
+    ConfigKey("l2-bias", False, "logreg: the L2 penalty covers the bias too, which makes the objective strongly convex (the release certificate needs it)."),
     ConfigKey("num-clients", 10, "Number of clients (Flower SuperNodes / partitions).", check=positive_int),
     ConfigKey("partition", "dirichlet", "How the training set is split over clients.", ("dirichlet", "iid")),
     ConfigKey("dirichlet-alpha", 0.5, "Dirichlet concentration per label; small is more skewed.", check=positive_float),
@@ -143,6 +147,11 @@ CORE_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("factor-memory-budget", 268435456, "Bytes one dense factor may take before factor-solver=auto compresses it.", check=positive_int),
     ConfigKey("prop2-fallback", "dense", "When the poster's Proposition 2 condition fails for an MPO factor: solve dense, or fail.", ("dense", "raise")),
     ConfigKey("kfac-uncovered", "identity", "Parameters outside Linear/Conv2d layers under kfac: damped identity (g/λ) or no update.", ("identity", "zero")),
+    # --- the release step: noise on every unlearned model, and the certificate where it is sound ---
+    ConfigKey("noise-sigma", 0.0, "σ of the Gaussian noise the server adds once to every parameter of each method's unlearned model; > 0 on logreg with l2-bias certifies an (ε, δ).", check=non_negative_float),
+    ConfigKey("delta", 1e-5, "δ of the (ε, δ) certificate.", check=open_unit_interval),
+    ConfigKey("sensitivity-budget", 0.0, "An ℓ2 bound B fixed before the deletion: the release certifies ε(B) when the measured distance bound Δ ≤ B and no ε otherwise; 0: ε of the measured Δ.", check=non_negative_float),
+    ConfigKey("target-epsilon", 0.0, "With sensitivity-budget: σ is calibrated so that the budget gives this ε (analytic Gaussian mechanism), noise-sigma must be 0; 0: off.", check=non_negative_float),
     ConfigKey("backdoor-client", -1, "Partition id of a malicious client that plants a backdoor (-1: none).", check=_range("an integer >= -1", lambda v: v >= -1)),
     ConfigKey("poison-fraction", 0.5, "Share of the malicious client's images that carry the trigger.", check=unit_interval),
     ConfigKey("target-class", 0, "Class the triggered images are relabelled to.", check=non_negative_int),
@@ -236,10 +245,16 @@ def _check_consistency(config: dict[str, ConfigValue]) -> None:
     """Checks that involve two keys."""
     if config["backdoor-client"] >= config["num-clients"]:
         raise ConfigError("backdoor-client", config["backdoor-client"], f"-1 or 0..{config['num-clients'] - 1}")
-    from fedunlearn.unlearning.registry import method_class, parse_methods
+    from fedunlearn.unlearning.registry import method_class, parse_methods, variant_config
 
     for name in parse_methods(str(config["unlearn-methods"])):
-        method_class(name).check_config(config)
+        method_class(name).check_config(variant_config(name, config))
+    if config["target-epsilon"] > 0:
+        if config["sensitivity-budget"] <= 0:
+            raise ConfigError("target-epsilon", config["target-epsilon"], "0 (off) unless sensitivity-budget > 0",
+                              reason="σ is calibrated to the budget, fixed before any data is seen")
+        if config["noise-sigma"] > 0:
+            raise ConfigError("noise-sigma", config["noise-sigma"], "0 when target-epsilon sets σ")
     if config["unlearn-after-round"] > config["num-rounds"]:
         raise ConfigError(
             "unlearn-after-round", config["unlearn-after-round"], f"0 (after the last round) or 1..{config['num-rounds']} (num-rounds)"

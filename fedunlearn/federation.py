@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 from fedunlearn.data import DataSplit, Partitioning, load_dataset, partition_labels
 from fedunlearn.data.backdoor import poison_rows, poisoned_train_set, trigger_for
 from fedunlearn.errors import ConfigError
-from fedunlearn.models import build_model
+from fedunlearn.models import build_model, model_options
 from fedunlearn.training import LocalTrainingConfig, derive_seed, round_lr
 
 
@@ -29,7 +29,8 @@ class Federation:
     partitioning: Partitioning
 
     def new_model(self) -> nn.Module:
-        return build_model(self.config["model"], self.data.input_shape, self.data.num_classes)
+        name = self.config["model"]
+        return build_model(name, self.data.input_shape, self.data.num_classes, **model_options(name, self.config))
 
     def initial_model(self) -> nn.Module:
         """The round-0 global model: the same weights for every run with this seed."""

@@ -24,7 +24,7 @@ from fedunlearn.training import resolve_device
 
 # Keys that change the retrained model; out-dir, methods, solver settings and the like do not.
 TRAINING_KEYS = (
-    "dataset", "data-dir", "mnist1d-samples", "model", "num-clients", "partition", "dirichlet-alpha", "min-partition-size",
+    "dataset", "data-dir", "mnist1d-samples", "model", "l2-bias", "num-clients", "partition", "dirichlet-alpha", "min-partition-size",
     "local-epochs", "batch-size", "lr", "momentum", "seed", "fraction-train",
     "backdoor-client", "poison-fraction", "target-class", "trigger-size", "trigger-position",
     "forget-share", "exclusive-class", "lr-decay",

@@ -30,6 +30,7 @@ from fedunlearn.run_evaluation import evaluate_models
 from fedunlearn.summary import NOISE_FLOOR_ROW, StudyRecord, distances, plan_runs
 from fedunlearn.training import derive_seed, loss_and_accuracy, resolve_device
 from fedunlearn.unlearning import Deletion, Outcome, create_method, parse_methods
+from fedunlearn.unlearning.certify import release
 from strategies.port import GridPort
 from strategies.roster import MessageLog, Roster
 
@@ -118,6 +119,7 @@ class FederatedJob:
                         start = time.perf_counter()
                         outcome = method.unlearn(self.port, deletion)
                         seconds = time.perf_counter() - start
+                    release(self.port, method.name, deletion, outcome)  # noise once, and ε where it is sound
                 except UnlearningFailed as failure:
                     for request in accepted:
                         ledger.append(request, "failed", method=method.name, affected_clients=forget, reason=str(failure))
