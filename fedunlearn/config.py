@@ -99,7 +99,7 @@ def _method_list(value: Any) -> str | None:
 open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mnist1d")
-MODELS = ("logreg", "simple-cnn", "resnet18", "vit-lite", "cnn1d")
+MODELS = ("logreg", "simple-cnn", "simple-cnn-wide", "resnet18", "vit-lite", "cnn1d")
 
 # The keys of the run itself; each unlearning method declares its own keys in its module
 # (``config_keys``), and :func:`keys` appends them, so adding a method never edits this file.
