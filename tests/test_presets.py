@@ -34,12 +34,6 @@ def test_round_lr_decays_geometrically_and_replay_rounds_take_the_last_training_
         round_lr(0.1, 0.5, 0, 20)
 
 
-def test_replay_rounds_are_numbered_where_federaser_numbers_its_calibration_rounds():
-    from fedunlearn.unlearning.methods import federaser
-
-    assert federaser.CALIBRATION_ROUND_BASE == REPLAY_ROUND_BASE
-
-
 def _schedule_config(**overrides):
     return run_config.resolve(
         {"model": "logreg", "num-clients": 4, "partition": "iid", "lr": 0.2, "lr-decay": 0.5, "momentum": 0.0,
@@ -51,7 +45,7 @@ def _schedule_config(**overrides):
 @pytest.mark.parametrize("server_round, overrides, exponent", [
     (1, {}, 0),
     (4, {}, 3),
-    (REPLAY_ROUND_BASE + 2, {}, 5),  # FedEraser calibration: the lr of round 6, the last training round
+    (REPLAY_ROUND_BASE + 2, {}, 5),  # a replay round: the lr of round 6, the last training round
     (REPLAY_ROUND_BASE + 2, {"unlearn-after-round": 3}, 2),  # ... of round 3 when the deletion comes then
 ])
 def test_the_optimizer_of_a_round_steps_with_that_rounds_lr(server_round, overrides, exponent):
