@@ -56,9 +56,8 @@ class Federation:
         return self.config["unlearn-after-round"] or self.config["num-rounds"]
 
     def local_training_for(self, server_round: int) -> LocalTrainingConfig:
-        """The settings of the train message of ``server-round`` t: lr × lr-decay^(t−1); FedEraser's
-        calibration rounds (numbered from ``REPLAY_ROUND_BASE``) get the lr of the last training round."""
-        lr = round_lr(self.config["lr"], self.config["lr-decay"], server_round, self.last_training_round)
+        """The settings of the train message of ``server-round`` t: lr × lr-decay^(t−1)."""
+        lr = round_lr(self.config["lr"], self.config["lr-decay"], server_round)
         return replace(self.local_training, lr=lr)
 
 

@@ -48,22 +48,14 @@ class LocalTrainingConfig:
     momentum: float = 0.0
 
 
-# Train messages numbered at or above this are not training rounds: FedEraser's calibration rounds are
-# numbered REPLAY_ROUND_BASE + n so that their shuffling seeds never meet a training round's.
-REPLAY_ROUND_BASE = 1_000_000
-
-
-def round_lr(lr: float, decay: float, server_round: int, last_training_round: int) -> float:
+def round_lr(lr: float, decay: float, server_round: int) -> float:
     """The local learning rate of round ``server_round``: ``lr * decay**(t - 1)`` for round t = 1, 2, ...
 
-    Rounds after the last training round (fine-tuning's T+1, T+2, ...) go on decaying. A replay
-    round (``server_round >= REPLAY_ROUND_BASE``, FedEraser's calibration) gets the lr of
-    ``last_training_round``, the rate the trained model ended with.
+    Rounds after the last training round (fine-tuning's T+1, T+2, ...) go on decaying; FedEraser's
+    calibration of stored round t is numbered t, so it trains at round t's rate.
     """
     if server_round < 1:
         raise ValueError(f"server rounds start at 1, got {server_round}")
-    if server_round >= REPLAY_ROUND_BASE:
-        server_round = last_training_round
     return lr * decay ** (server_round - 1)
 
 

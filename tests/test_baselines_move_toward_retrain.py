@@ -99,9 +99,9 @@ def test_finetune_moves_toward_retrain(case):
 
 
 def test_federaser_moves_toward_retrain(case):
-    """Measured: KL 0.52 -> 0.014 (the replay restarts from the initial model without client 0)."""
+    """Measured: KL 0.52 -> 0.0060 (the replay restarts from the initial model without client 0)."""
     outcome = case.unlearn("federaser")
-    assert outcome.communication_rounds == 3  # rounds 1, 3, 5 stored (interval 2)
+    assert outcome.communication_rounds == 2  # rounds 1, 3, 5 stored (interval 2); round 1 is averaged, not calibrated
     assert case.kl(outcome.state) < 0.1 * case.kl(case.trained)
 
 

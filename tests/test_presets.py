@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 
 from fedunlearn import config as run_config
 from fedunlearn.federation import build_federation
-from fedunlearn.training import REPLAY_ROUND_BASE, derive_seed, objective, round_lr, train_local
+from fedunlearn.training import derive_seed, objective, round_lr, train_local
 from simulations import preset_paths
 
 BENCHMARK_PRESETS = ("large-deletion", "exclusive-class", "converged", "fashion-mnist")
@@ -24,20 +24,13 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 # --- the lr schedule -----------------------------------------------------------------------------
 
-def test_round_lr_decays_geometrically_and_replay_rounds_take_the_last_training_rounds_lr():
-    assert round_lr(0.1, 0.5, 1, 20) == 0.1
-    assert round_lr(0.1, 0.5, 4, 20) == pytest.approx(0.1 * 0.5**3)
-    assert round_lr(0.1, 0.5, 22, 20) == pytest.approx(0.1 * 0.5**21)  # fine-tuning goes on decaying
-    assert round_lr(0.1, 0.5, REPLAY_ROUND_BASE + 1, 20) == pytest.approx(0.1 * 0.5**19)
-    assert round_lr(0.1, 1.0, 500, 20) == 0.1
+def test_round_lr_decays_geometrically():
+    assert round_lr(0.1, 0.5, 1) == 0.1
+    assert round_lr(0.1, 0.5, 4) == pytest.approx(0.1 * 0.5**3)
+    assert round_lr(0.1, 0.5, 22) == pytest.approx(0.1 * 0.5**21)  # fine-tuning goes on decaying
+    assert round_lr(0.1, 1.0, 500) == 0.1
     with pytest.raises(ValueError):
-        round_lr(0.1, 0.5, 0, 20)
-
-
-def test_replay_rounds_are_numbered_where_federaser_numbers_its_calibration_rounds():
-    from fedunlearn.unlearning.methods import federaser
-
-    assert federaser.CALIBRATION_ROUND_BASE == REPLAY_ROUND_BASE
+        round_lr(0.1, 0.5, 0)
 
 
 def _schedule_config(**overrides):
@@ -51,8 +44,7 @@ def _schedule_config(**overrides):
 @pytest.mark.parametrize("server_round, overrides, exponent", [
     (1, {}, 0),
     (4, {}, 3),
-    (REPLAY_ROUND_BASE + 2, {}, 5),  # FedEraser calibration: the lr of round 6, the last training round
-    (REPLAY_ROUND_BASE + 2, {"unlearn-after-round": 3}, 2),  # ... of round 3 when the deletion comes then
+    (8, {}, 7),  # fine-tuning after the 6 training rounds goes on decaying
 ])
 def test_the_optimizer_of_a_round_steps_with_that_rounds_lr(server_round, overrides, exponent):
     config = _schedule_config(**overrides)
