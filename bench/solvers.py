@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import threading
 import time
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import machine, rel_error  # noqa: E402  (bench/common.py; the script's directory is on sys.path)
 
 from fedunlearn.curvature import CGInverse, SolverSettings, flatten, ggn_vp, hvp, unflatten
 from fedunlearn.curvature.factor_solvers import (
@@ -78,10 +79,6 @@ def emit(**record):
     base = {"case": None, "method": None, "dim": None, "rank": None, "seconds": None, "peak_bytes": None, "rel_error": None}
     base.update(record)
     print(json.dumps(base), flush=True)
-
-
-def rel_error(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm((x - reference).to(torch.float64)) / torch.linalg.matrix_norm(reference.to(torch.float64)))
 
 
 def digits():
@@ -396,20 +393,6 @@ def bench_wide(dim_channels=512):
         emit(case="factor-wide-25088", method="nystrom", dim=dim, rank=rank, seconds=total, build_seconds=build,
              solve_seconds=total - build, peak_bytes=memory.bytes, rel_error=rel_error(solution, reference),
              factor_bytes=nystrom.approximation.nbytes, from_activations=True, **extra)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"case": "machine", "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def main(argv=None):

@@ -37,8 +37,23 @@ PROP2_FALLBACKS = ("dense", "raise")
 AUTO_PROBES = 8
 
 
+# ALS local systems are dense (R n R)^2 float64: at most this many rows (537 MB).
+MAX_LOCAL_SIZE = 8192
+
+
 class Prop2Error(ArithmeticError):
-    """The MPO truncation is too coarse for the poster's Proposition 2 and the config says raise."""
+    """The MPO truncation is too coarse for the poster's Proposition 2 and the config says raise.
+    ``diagnostics`` holds the MPO's diagnostics, ``diagnostics["prop2"]`` the check's numbers."""
+
+    def __init__(self, message: str, diagnostics: dict | None = None):
+        super().__init__(message)
+        self.diagnostics = diagnostics if diagnostics is not None else {}
+
+
+def default_border(dim: int) -> int:
+    """Trailing coordinates an MPO factor keeps outside the tensor train: 1 when ``dim`` is not
+    7-smooth but ``dim - 1`` is (KFAC's bias coordinate on a smooth layer width), else 0 (pad)."""
+    return 1 if dim > 2 and smooth_dim(dim) != dim and smooth_dim(dim - 1) == dim - 1 else 0
 
 
 def _check_damping(damping: float) -> None:
@@ -48,25 +63,34 @@ def _check_damping(damping: float) -> None:
 
 class DenseFactorInverse:
     """Cholesky of A_hat = A + lambda I (eigendecomposition with floored eigenvalues if float
-    round-off makes Cholesky fail)."""
+    round-off makes Cholesky fail).
+
+    Memory: one d x d buffer besides the factor (2.5 GB at d = 25089 in float32). LAPACK works on
+    column-major matrices; the row-major damped copy's transpose view is one (A_hat is symmetric),
+    so the Cholesky overwrites it in place and the solves are two triangular solves on views of it.
+    ``torch.linalg.cholesky_ex(out=)`` on the row-major buffer and ``torch.cholesky_solve`` would
+    each make a column-major copy of their own: two more d x d buffers, 7.5 GB instead of 2.5 GB on
+    top of the factor at d = 25089 (bench/mpo_wide.py).
+    """
 
     def __init__(self, factor: Tensor, damping: float):
         _check_damping(damping)
         start = time.perf_counter()
         self.dim = factor.shape[0]
-        # Cholesky in place of the damped copy: one d x d buffer besides the factor (2.4 GB each at
-        # d = 25088 in float32).
-        damped = factor.clone()
+        damped = factor.clone(memory_format=torch.contiguous_format)
         damped.diagonal().add_(damping)
+        lower = damped.mT  # column-major view of A_hat (= A_hat^T)
         info = torch.empty((), dtype=torch.int32, device=factor.device)
-        torch.linalg.cholesky_ex(damped, out=(damped, info))
-        self._chol, self._eig = damped, None
+        torch.linalg.cholesky_ex(lower, out=(lower, info))
+        self._lower, self._eig = lower, None
         if int(info) != 0:
+            self._lower = lower = None
+            damped.copy_(factor)
+            damped.diagonal().add_(damping)
+            # eigh reads one triangle only, so the damped copy need not be symmetrised first.
+            evals, evecs = torch.linalg.eigh(damped)
             del damped
-            damped = factor + damping * torch.eye(self.dim, dtype=factor.dtype, device=factor.device)
-            evals, evecs = torch.linalg.eigh((damped + damped.T) / 2)
             self._eig = (evals.clamp_min(damping), evecs)
-            self._chol = None
         self.diagnostics = {
             "solver": "dense",
             "dim": self.dim,
@@ -78,8 +102,10 @@ class DenseFactorInverse:
     def solve(self, rhs: Tensor) -> Tensor:
         vector = rhs.ndim == 1
         block = rhs.reshape(self.dim, -1)
-        if self._chol is not None:
-            out = torch.cholesky_solve(block.to(self._chol.dtype), self._chol)
+        if self._lower is not None:
+            lower = self._lower
+            half = torch.linalg.solve_triangular(lower, block.to(lower.dtype), upper=False)
+            out = torch.linalg.solve_triangular(lower.mT, half, upper=True)
         else:
             evals, evecs = self._eig
             out = evecs @ ((evecs.T @ block.to(evecs.dtype)) / evals[:, None])
@@ -104,11 +130,27 @@ def prop2_inverse_bound(spectral_error: float, norm: float, kappa: float) -> flo
 class MPOFactorInverse:
     """TensorUnlearn's factor inverse: TT-SVD of A_hat at bond dimension ``rank``, solved by ALS.
 
+    **Bias border.** KFAC's A of a layer with a bias appends a trailing 1 to the inputs, so its
+    dimension is d_in + 1 (25089 for a 25088-wide layer, 289 for a 32-channel 3x3 conv): padding that
+    to a 7-smooth size would scramble the layer's (channel, row, column) index layout into unrelated
+    modes. ``border`` trailing coordinates are therefore kept outside the MPO, exactly: with
+    A_hat = [[A11, A12], [A21, A22]] only A11 (d_in x d_in) is compressed, and the solve is block
+    elimination, Ã11 [X1 Z] = [B1 A12] by one ALS run, S = A22 - A21 Z, Y = S^{-1}(B2 - A21 X1),
+    X1 <- X1 - Z Y. ``border=None`` (default) takes 1 when d is not 7-smooth and d - 1 is (the bias
+    case), else 0 (padding). The truncation error is then that of A11 alone (the border is exact).
+
     The poster's Proposition 2 needs ||A_hat - A_tilde||_2 / ||A_hat||_2 < 1 / kappa_A with
     kappa_A <= ||A_hat||_2 / lambda, i.e. a spectral truncation error below lambda. It is checked at
     construction (Lanczos on A_hat and on the error operator, both through products only); where it
     fails the MPO inverse is not trustworthy (A_tilde may even be indefinite) and we either fall back
-    to the dense solve or raise :class:`Prop2Error`, per ``prop2_fallback``.
+    to the dense solve or raise :class:`Prop2Error`, per ``prop2_fallback``. After a fallback
+    ``diagnostics["truncation_error"]`` is 0 (the factor solved is exact, so Theorem 1's MPO term is
+    0 too) and the MPO's own error stays in ``diagnostics["mpo_truncation_error"]``.
+
+    ALS's local systems are dense (R n R) x (R n R) with R the solution's TT rank: ``als_rank``
+    (default ``rank``) is capped so that R * max(modes) * R <= ``max_local_size`` (8192: a 537 MB
+    float64 system; at rank 64 and a 7-mode it would be 28672^2, 6.6 GB). ``diagnostics["als_rank"]``
+    is the rank used.
     """
 
     def __init__(
@@ -124,6 +166,9 @@ class MPOFactorInverse:
         max_mode: int = 4,
         check_prop2: bool = True,
         lanczos_steps: int = 30,
+        border: int | None = None,
+        modes: list[int] | None = None,
+        max_local_size: int = MAX_LOCAL_SIZE,
     ):
         _check_damping(damping)
         if prop2_fallback not in PROP2_FALLBACKS:
@@ -134,27 +179,48 @@ class MPOFactorInverse:
         self.dim = factor.shape[0]
         self.damping, self.rank, self.seed = float(damping), rank, seed
         self.lanczos_steps = lanczos_steps
-        self.als_rank = als_rank or rank
         self.als_sweeps = als_sweeps
-        padded = smooth_dim(self.dim)
-        self.modes = mode_sizes(padded, max_mode)
-        source = self._padded(factor, padded)
+        self.border = default_border(self.dim) if border is None else int(border)
+        if not 0 <= self.border < self.dim:
+            raise ValueError(f"border {self.border} out of range for a {self.dim} x {self.dim} factor")
+        core_dim = self.dim - self.border
+        if modes is not None:
+            if math.prod(modes) != core_dim:
+                raise ValueError(f"modes {modes} multiply to {math.prod(modes)}, not {core_dim} (= dim - border)")
+            padded, self.modes = core_dim, list(modes)
+        else:
+            padded = smooth_dim(core_dim)
+            self.modes = mode_sizes(padded, max_mode)
+        self.core_dim = core_dim
+        cap = max(1, math.isqrt(max(max_local_size // max(self.modes), 1)))
+        self.als_rank = min(als_rank or rank, cap)
+        # A view of the leading block: TT-SVD's one interleaved copy is made from it directly.
+        source = self._padded(factor[:core_dim, :core_dim], padded)
         compressed, self.truncation_error = tt_svd(source, self.modes, rank, shift=self.damping)
         # The cores are small; ALS's local solves want float64 whatever the factor's dtype.
         self.mpo = MPO([core.to(torch.float64) for core in compressed.cores])
+        if self.border:
+            self._a12 = factor[:core_dim, core_dim:].to(torch.float64).clone()
+            self._a22 = factor[core_dim:, core_dim:].to(torch.float64) + self.damping * torch.eye(self.border, dtype=torch.float64)
+        else:
+            self._a12 = self._a22 = None
         compress_seconds = time.perf_counter() - start
-        source_fro2 = float(torch.linalg.matrix_norm(source)) ** 2
-        damped_fro = math.sqrt(max(source_fro2 + 2 * self.damping * float(torch.trace(source)) + self.damping**2 * padded, 0.0))
+        factor_fro2 = float(torch.linalg.matrix_norm(factor.to(torch.float64) if factor.numel() < 1 << 24 else factor)) ** 2
+        damped_fro = math.sqrt(max(factor_fro2 + 2 * self.damping * float(torch.trace(factor)) + self.damping**2 * self.dim, 0.0))
+        border_bytes = 0 if self._a12 is None else (self._a12.numel() + self._a22.numel()) * 8
         self.diagnostics = {
             "solver": "mpo",
             "dim": self.dim,
+            "border": self.border,
             "padded_dim": padded,
             "modes": self.modes,
             "bond_dimension": rank,
             "mpo_ranks": self.mpo.ranks,
-            "bytes": self.mpo.nbytes,
-            # epsilon_A of the poster's Theorem 1: ||A_hat - A_tilde||_F
+            "als_rank": self.als_rank,
+            "bytes": self.mpo.nbytes + border_bytes,
+            # epsilon_A of the poster's Theorem 1: ||A_hat - A_tilde||_F (0 after a dense fallback)
             "truncation_error": self.truncation_error,
+            "mpo_truncation_error": self.truncation_error,
             "frobenius_norm": damped_fro,
             "compress_seconds": compress_seconds,
         }
@@ -164,37 +230,64 @@ class MPOFactorInverse:
         del source
         self.diagnostics["seconds"] = time.perf_counter() - start
 
-    def _padded(self, factor: Tensor, padded: int) -> Tensor:
+    def _padded(self, block: Tensor, padded: int) -> Tensor:
         # Padding with a multiple of the identity keeps the block diagonal: the padded coordinates
         # of the solution are zero for zero right-hand-side entries (up to the TT truncation).
-        if padded == self.dim:
-            return factor
-        out = torch.zeros(padded, padded, dtype=factor.dtype)
-        out[: self.dim, : self.dim] = factor
-        pad_value = float(torch.diagonal(factor).mean())
-        idx = torch.arange(self.dim, padded)
+        size = block.shape[0]
+        if padded == size:
+            return block
+        out = torch.zeros(padded, padded, dtype=block.dtype)
+        out[:size, :size] = block
+        pad_value = float(torch.diagonal(block).mean())
+        idx = torch.arange(size, padded)
         out[idx, idx] = pad_value
         return out
 
+    def _core_apply(self, mpo: MPO, v: Tensor) -> Tensor:
+        """The MPO block on the first core_dim coordinates (zero-padded in, cut out)."""
+        padded = torch.zeros(mpo.dim, v.shape[1], dtype=torch.float64)
+        padded[: self.core_dim] = v
+        return (mpo @ padded)[: self.core_dim]
+
+    def approx_matmat(self, v: Tensor, transpose: bool = False) -> Tensor:
+        """A_tilde v (or A_tilde^T v) on the factor's own d coordinates, damping included: the MPO
+        block and the exact bias border. ``v`` of shape (d,) or (d, m); float64 out."""
+        vector = v.ndim == 1
+        block = v.reshape(self.dim, -1).to(torch.float64)
+        mpo = self.mpo.transpose() if transpose else self.mpo
+        top = self._core_apply(mpo, block[: self.core_dim])
+        if self.border:
+            tail = block[self.core_dim :]
+            top = top + self._a12 @ tail
+            bottom = self._a12.T @ block[: self.core_dim] + self._a22 @ tail
+            top = torch.cat([top, bottom])
+        return top.reshape(-1) if vector else top
+
     def _check_prop2(self, source: Tensor, factor: Tensor, prop2_fallback: str) -> None:
+        start = time.perf_counter()
         dim = source.shape[0]
         mpo, mpo_t = self.mpo, self.mpo.transpose()
         damping = self.damping
 
         def damped(v: Tensor) -> Tensor:  # A_hat v without a damped copy of A
+            return factor @ v + damping * v
+
+        def damped_core(v: Tensor) -> Tensor:  # the compressed (padded) block, damped
             return source @ v + damping * v
 
-        def error_normal(v: Tensor) -> Tensor:  # E^T E v with E = A_hat - A_tilde (A_tilde may be non-symmetric)
-            ev = damped(v) - (mpo @ v).to(source.dtype)
-            return damped(ev) - (mpo_t @ ev).to(source.dtype)
+        def error_normal(v: Tensor) -> Tensor:
+            # E^T E v with E = A_hat - A_tilde (A_tilde may be non-symmetric); the border is exact,
+            # so E lives on the compressed block.
+            ev = damped_core(v) - (mpo @ v).to(source.dtype)
+            return damped_core(ev) - (mpo_t @ ev).to(source.dtype)
 
         def mpo_symmetric(v: Tensor) -> Tensor:
-            return 0.5 * (mpo @ v + mpo_t @ v)
+            return 0.5 * (self.approx_matmat(v) + self.approx_matmat(v, transpose=True))
 
         steps = self.lanczos_steps
-        norm = lanczos_extremes(damped, dim, source.dtype, steps, self.seed)[1]
+        norm = lanczos_extremes(damped, self.dim, factor.dtype, steps, self.seed)[1]
         spectral_error = math.sqrt(max(lanczos_extremes(error_normal, dim, source.dtype, steps, self.seed)[1], 0.0))
-        approx_min = lanczos_extremes(mpo_symmetric, dim, torch.float64, steps, self.seed)[0]
+        approx_min = lanczos_extremes(mpo_symmetric, self.dim, torch.float64, steps, self.seed)[0]
         kappa = norm / self.damping
         holds = spectral_error / norm < 1.0 / kappa
         self.diagnostics["prop2"] = {
@@ -208,6 +301,7 @@ class MPOFactorInverse:
             "mpo_indefinite": approx_min <= 0,
             "inverse_error_bound": prop2_inverse_bound(spectral_error, norm, kappa) if holds else None,
         }
+        self.diagnostics["prop2_seconds"] = time.perf_counter() - start
         if holds:
             return
         message = (
@@ -216,10 +310,14 @@ class MPOFactorInverse:
             + (f"; the MPO is indefinite (lambda_min ~ {approx_min:.3g})" if approx_min <= 0 else "")
         )
         if prop2_fallback == "raise":
-            raise Prop2Error(message + "; raise kfac-rank or damping, or set prop2-fallback = dense")
+            raise Prop2Error(message + "; raise kfac-rank or damping, or set prop2-fallback = dense", self.diagnostics)
+        start = time.perf_counter()
+        self.fallback = DenseFactorInverse(factor, self.damping)
         self.diagnostics["fallback"] = "dense"
         self.diagnostics["fallback_reason"] = message
-        self.fallback = DenseFactorInverse(factor, self.damping)
+        self.diagnostics["fallback_seconds"] = time.perf_counter() - start
+        # Theorem 1's epsilon is that of the factor actually solved: the dense one is exact.
+        self.diagnostics["truncation_error"] = 0.0
 
     @property
     def used(self) -> str:
@@ -228,18 +326,38 @@ class MPOFactorInverse:
     def solve(self, rhs: Tensor) -> Tensor:
         if self.fallback is not None:
             return self.fallback.solve(rhs)
+        return self.solve_mpo(rhs)
+
+    def solve_mpo(self, rhs: Tensor) -> Tensor:
+        """A_tilde^{-1} rhs by ALS (and block elimination of the border), whatever Proposition 2
+        said: :meth:`solve` is what callers want; this is for measuring what a fallback avoided."""
         vector = rhs.ndim == 1
-        block = rhs.reshape(self.dim, -1)
-        padded = torch.zeros(self.mpo.dim, block.shape[1], dtype=self.mpo.cores[0].dtype)
-        padded[: self.dim] = block
+        block = rhs.reshape(self.dim, -1).to(torch.float64)
+        m = block.shape[1]
+        core_rhs = block[: self.core_dim]
+        if self.border:
+            core_rhs = torch.cat([core_rhs, self._a12], dim=1)  # solve for Z = Ã11^{-1} A12 alongside
+        padded = torch.zeros(self.mpo.dim, core_rhs.shape[1], dtype=torch.float64)
+        padded[: self.core_dim] = core_rhs
         solution, info = als_solve(self.mpo, padded, self.als_rank, sweeps=self.als_sweeps, seed=self.seed)
+        solution = solution[: self.core_dim]
         self.diagnostics["als"] = {
+            "rank": self.als_rank,
             "sweeps": info.sweeps,
             "residual_history": info.residual_history,
             "solution_ranks": info.solution_ranks,
             "max_local_size": info.max_local_size,
         }
-        out = solution[: self.dim].to(rhs.dtype)
+        if self.border:
+            x1, z = solution[:, :m], solution[:, m:]
+            schur = self._a22 - self._a12.T @ z
+            y = torch.linalg.solve(schur, block[self.core_dim :] - self._a12.T @ x1)
+            solution = torch.cat([x1 - z @ y, y])
+        # ||A_tilde X - B||_F / ||B||_F of what is returned (with a border this is not ALS's own
+        # residual: the errors of X1 and Z combine as r_X - r_Z Y).
+        b_norm = max(float(torch.linalg.matrix_norm(block)), 1e-300)
+        self.diagnostics["als"]["residual"] = float(torch.linalg.matrix_norm(self.approx_matmat(solution) - block)) / b_norm
+        out = solution.to(rhs.dtype)
         return out.reshape(-1) if vector else out
 
     def __matmul__(self, rhs: Tensor) -> Tensor:
@@ -292,9 +410,15 @@ def _probe_relative_error(exact: Callable[[Tensor], Tensor], approx: Callable[[T
     return float(torch.linalg.matrix_norm(reference - approx(probes)) / torch.linalg.matrix_norm(reference))
 
 
-def make_factor_inverse(factor: Tensor, settings: SolverSettings) -> DenseFactorInverse | MPOFactorInverse | NystromFactorInverse:
+def make_factor_inverse(
+    factor: Tensor, settings: SolverSettings, *, border: int | None = None
+) -> DenseFactorInverse | MPOFactorInverse | NystromFactorInverse:
     """Resolve ``settings.factor_solver`` for one undamped factor A (d x d) and build A_hat^{-1},
     A_hat = A + ``settings.damping`` I.
+
+    ``border``: trailing coordinates an MPO keeps out of the tensor train (1 for the A factor of a
+    layer with a bias, whose last coordinate is the bias's 1; 0 for G and bias-free layers); None
+    guesses it from d (:func:`default_border`), which cannot tell a bias when d itself is 7-smooth.
 
     Also read: ``kfac_rank`` (MPO bond dimension), ``nystrom_rank``, ``mpo_threshold``,
     ``factor_memory_budget``, ``prop2_fallback``, ``seed``. ``auto``: dense while d^2 *
@@ -319,7 +443,7 @@ def make_factor_inverse(factor: Tensor, settings: SolverSettings) -> DenseFactor
         inverse.diagnostics["requested"] = solver
         return inverse
     if solver == "mpo":
-        inverse = MPOFactorInverse(factor, damping, rank, prop2_fallback, seed=seed)
+        inverse = MPOFactorInverse(factor, damping, rank, prop2_fallback, seed=seed, border=border)
     elif solver == "nystrom":
         inverse = NystromFactorInverse(factor, damping, nystrom_rank, seed=seed)
     else:
@@ -329,12 +453,10 @@ def make_factor_inverse(factor: Tensor, settings: SolverSettings) -> DenseFactor
             inverse.diagnostics["auto_reason"] = "fits factor-memory-budget"
             return inverse
         nystrom = NystromFactorInverse(factor, damping, nystrom_rank, seed=seed)
-        mpo = MPOFactorInverse(factor, damping, rank, "dense", seed=seed)
-        eye_pad = mpo.mpo.dim - dim
+        mpo = MPOFactorInverse(factor, damping, rank, "dense", seed=seed, border=border)
 
         def mpo_apply(z: Tensor) -> Tensor:
-            padded = torch.cat([z, torch.zeros(eye_pad, z.shape[1], dtype=z.dtype)]) if eye_pad else z
-            return (mpo.mpo @ padded.to(mpo.mpo.cores[0].dtype))[:dim].to(z.dtype) - damping * z
+            return mpo.approx_matmat(z).to(z.dtype) - damping * z
 
         estimates = {
             "mpo": _probe_relative_error(lambda z: factor @ z, mpo_apply, dim, factor.dtype, seed),

@@ -18,6 +18,7 @@ tokens) have no KFAC curvature; they get the damped-identity update gradient / l
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -122,11 +123,19 @@ def sum_factors(
     for client in sorted(per_client):
         w = weights[client]
         for layer, (a, g) in per_client[client].items():
-            if layer in total:
-                total[layer] = (total[layer][0] + w * a, total[layer][1] + w * g)
+            if layer in total:  # in place: one d x d buffer per factor however many clients answer
+                total[layer][0].add_(a, alpha=w)
+                total[layer][1].add_(g, alpha=w)
             else:
                 total[layer] = (w * a, w * g)
     return total
+
+
+def _damped_frobenius(factor: Tensor, damping: float) -> float:
+    """||A + damping I||_F of a symmetric A without forming the damped copy (d^2 numbers):
+    sqrt(||A||_F^2 + 2 damping tr A + damping^2 d)."""
+    squared = float(torch.linalg.matrix_norm(factor)) ** 2 + 2 * damping * float(torch.trace(factor)) + damping**2 * factor.shape[0]
+    return math.sqrt(max(squared, 0.0))
 
 
 def _joint_gradient(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
@@ -198,15 +207,13 @@ class KFACInverse:
         self.inverses = {}
         layer_diagnostics = {}
         for layer, (a, g) in factors.items():
-            a_inverse = make_factor_inverse(a, settings)
-            g_inverse = make_factor_inverse(g, settings)
+            # A's last coordinate is the bias's 1 when the layer has a bias: an MPO keeps it exact.
+            a_inverse = make_factor_inverse(a, settings, border=1 if "bias" in layers[layer] else 0)
+            g_inverse = make_factor_inverse(g, settings, border=0)
             self.inverses[layer] = (a_inverse, g_inverse)
             eps_a = a_inverse.diagnostics.get("truncation_error", 0.0)
             eps_g = g_inverse.diagnostics.get("truncation_error", 0.0)
-            eye_a = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-            eye_g = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-            a_fro = float(torch.linalg.matrix_norm(a + damping * eye_a))
-            g_fro = float(torch.linalg.matrix_norm(g + damping * eye_g))
+            a_fro, g_fro = _damped_frobenius(a, damping), _damped_frobenius(g, damping)
             layer_diagnostics[layer] = {
                 "A": a_inverse.diagnostics,
                 "G": g_inverse.diagnostics,

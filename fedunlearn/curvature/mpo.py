@@ -24,6 +24,7 @@ from torch import Tensor
 SMOOTH_PRIMES = (2, 3, 5, 7)
 QR_CHUNK_ENTRIES = 1 << 22  # float64 entries per TSQR / Gram chunk (32 MB)
 QR_MAX_ENTRIES = 1 << 26  # float64 unfoldings up to this size get the exact TSQR route
+MATMAT_CHUNK_ENTRIES = 1 << 24  # d * columns * bond numbers per MPO.matmat chunk (128 MB in float64)
 
 
 def smooth_dim(dim: int) -> int:
@@ -93,9 +94,23 @@ class MPO:
         return MPO([c.transpose(1, 2) for c in self.cores])
 
     def matmat(self, x: Tensor) -> Tensor:
-        """M @ x for x of shape (d,) or (d, m), contracting core by core."""
+        """M @ x for x of shape (d,) or (d, m), contracting core by core.
+
+        The intermediates hold d * m * r numbers (r the largest bond), so wide blocks go through in
+        column chunks of at most MATMAT_CHUNK_ENTRIES of them: 25088 x 129 columns at r = 32 would
+        otherwise need ~2.5 GB of float64 temporaries."""
         vector = x.ndim == 1
         block = x.reshape(self.dim, -1).to(self.cores[0].dtype)
+        m = block.shape[1]
+        bond = max([c.shape[0] for c in self.cores] + [1])
+        columns = max(1, MATMAT_CHUNK_ENTRIES // (self.dim * bond))
+        if m > columns:
+            out = torch.cat([self._matmat(block[:, i : i + columns]) for i in range(0, m, columns)], dim=1)
+        else:
+            out = self._matmat(block)
+        return out.reshape(-1) if vector else out
+
+    def _matmat(self, block: Tensor) -> Tensor:
         m = block.shape[1]
         # work holds (done output indices, bond, remaining input indices * m)
         work = block.reshape(1, 1, self.dim * m)
@@ -110,8 +125,7 @@ class MPO:
             work = (lhs @ rhs).reshape(done, rest, n_out, s).permute(0, 2, 3, 1)
             done *= n_out
             work = work.reshape(done, s, -1)
-        out = work.reshape(self.dim, m)
-        return out.reshape(-1) if vector else out
+        return work.reshape(self.dim, m)
 
     def __matmul__(self, x: Tensor) -> Tensor:
         return self.matmat(x)
@@ -219,11 +233,29 @@ def tt_svd(matrix: Tensor, modes: list[int], rank: int, rel_tol: float = 0.0, sh
         basis, discarded = _top_left_singular(unfolding, rank, rel_tol)
         discarded_total += discarded
         cores.append(basis.reshape(bond, n, n, basis.shape[1]))
-        carry = basis.T @ unfolding
+        carry = _project_rows(basis, unfolding)
         bond = basis.shape[1]
         del unfolding
-    cores.append(carry.reshape(bond, modes[-1], modes[-1], 1))
+    # A copy: carry may be a view of the interleaved d x d buffer (see _project_rows).
+    cores.append(carry.reshape(bond, modes[-1], modes[-1], 1).clone())
     return MPO(cores), math.sqrt(discarded_total)
+
+
+def _project_rows(basis: Tensor, unfolding: Tensor) -> Tensor:
+    """basis^T @ unfolding (k x cols, k <= rows), written over the unfolding's first k rows one
+    column chunk at a time: the unfolding is TT-SVD's own interleaved copy, so the first (largest)
+    step needs no second d x d buffer (2.5 GB at d = 25088 in float32). Each chunk's product is
+    complete before it overwrites the chunk, and it only reads that chunk's columns."""
+    rows, cols = unfolding.shape
+    k = basis.shape[1]
+    if k > rows or not unfolding.is_contiguous() or unfolding.numel() <= QR_CHUNK_ENTRIES:
+        return basis.T @ unfolding
+    projector = basis.T.contiguous()
+    chunk = max(1, QR_CHUNK_ENTRIES // rows)
+    for start in range(0, cols, chunk):
+        piece = unfolding[:, start : start + chunk]
+        piece[:k] = projector @ piece
+    return unfolding[:k]
 
 
 @dataclass
