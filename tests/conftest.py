@@ -8,6 +8,18 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on two
+    cores shared with other jobs, one thread avoids oversubscription stalls in many small products."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def project_cache(tmp_path_factory) -> Path:
     """One cache for the whole test session (partitions, Ray's temp dir), never the user's."""

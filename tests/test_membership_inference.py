@@ -28,13 +28,7 @@ from fedunlearn.training import LocalTrainingConfig, train_local
 OVERFIT = LocalTrainingConfig(epochs=100, batch_size=32, lr=0.05, momentum=0.9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: one thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

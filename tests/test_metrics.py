@@ -33,12 +33,7 @@ from fedunlearn.models import build_model
 from fedunlearn.training import LocalTrainingConfig, loss_and_accuracy, streamed_accuracy, train_local
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- output comparisons ---------------------------------------------------------------------------
