@@ -138,6 +138,7 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
             influence_weight=len(forget_data) * float(request["influence-weight-per-example"]),
             seed=int(federation.config["seed"]),
             device=device,
+            request=dict(request),
         )
         update = method.solve(model, forget_batches, client_context)
         seconds = time.perf_counter() - start

@@ -128,6 +128,9 @@ class ClientContext:
     influence_weight: float  # n_k / (n − n_K): this client's share of the remaining objective's step
     seed: int
     device: torch.device
+    # The ``train.unlearn`` message's config as sent by the method's server side (numbers, strings):
+    # what a method tells its clients beyond the model, e.g. a radius or a step budget.
+    request: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
