@@ -101,6 +101,10 @@ open_unit_interval = _range("a number in (0, 1)", lambda v: 0 < v < 1)
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "mnist1d")
 MODELS = ("logreg", "simple-cnn", "simple-cnn-wide", "resnet18", "vit-lite", "cnn1d")
 
+# Run keys a variant label may set per method (``hf-kcu[repair-rounds=2]``), beside the method's own
+# keys and the solver settings: what happens to the method's model after its update.
+PER_METHOD_KEYS = ("repair-rounds",)
+
 # The keys of the run itself; each unlearning method declares its own keys in its module
 # (``config_keys``), and :func:`keys` appends them, so adding a method never edits this file.
 CORE_KEYS: tuple[ConfigKey, ...] = (
@@ -133,6 +137,7 @@ CORE_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("deletion-requests", "", "A JSON file of deletion requests (client / samples / class grain), added to forget-clients."),
     ConfigKey("unlearn-after-round", 0, "Round after which requests are applied; 0 means after the last round.", check=non_negative_int),
     ConfigKey("unlearn-methods", "hf-kcu,hf-kcu-global,kfac", "Methods applied, each from the same trained model (comma list).", check=_method_list),
+    ConfigKey("repair-rounds", 0, "FedAvg rounds on the remaining clients after each method's update (post-training); their time and client trainings count in the method's cost. Settable per method: hf-kcu[repair-rounds=2].", check=non_negative_int),
     ConfigKey("unlearn-timeout", 600.0, "Seconds to wait for the affected clients' replies before the request fails.", check=positive_float),
     ConfigKey("damping", 0.01, "λ added to the curvature (HF-KCU eq. 20; both KFAC factors for kfac).", check=non_negative_float),
     ConfigKey("curvature", "hessian", "Curvature whose products CG uses.", ("hessian", "ggn")),

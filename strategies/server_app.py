@@ -31,6 +31,7 @@ from fedunlearn.summary import NOISE_FLOOR_ROW, StudyRecord, distances, plan_run
 from fedunlearn.training import derive_seed, loss_and_accuracy, resolve_device
 from fedunlearn.unlearning import Deletion, Outcome, create_method, parse_methods
 from fedunlearn.unlearning.certify import release
+from fedunlearn.unlearning.repair import repair
 from strategies.port import GridPort
 from strategies.roster import MessageLog, Roster
 
@@ -120,6 +121,8 @@ class FederatedJob:
                         outcome = method.unlearn(self.port, deletion)
                         seconds = time.perf_counter() - start
                     release(self.port, method.name, deletion, outcome)  # noise once, and ε where it is sound
+                    with self.port.phase(f"repair: {method.name}"):
+                        seconds += repair(self.port, deletion, outcome, int(method.config["repair-rounds"]))
                 except UnlearningFailed as failure:
                     for request in accepted:
                         ledger.append(request, "failed", method=method.name, affected_clients=forget, reason=str(failure))

@@ -88,13 +88,14 @@ def method_class(name: str) -> type[Method]:
 
 def variant_config(label: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """The run config with a variant label's overrides, each checked against the schema. Only the
-    method's own keys and the solver settings may be set per method: training is shared."""
+    method's own keys, the solver settings and ``PER_METHOD_KEYS`` (repair rounds) may be set per
+    method: training is shared."""
     from fedunlearn import config as run_config
     from fedunlearn.curvature.settings import SolverSettings
 
     cls = method_class(label)
     _, overrides = split_label(label)
-    allowed = {key.name for key in cls.config_keys} | set(SolverSettings.keys())
+    allowed = {key.name for key in cls.config_keys} | set(SolverSettings.keys()) | set(run_config.PER_METHOD_KEYS)
     schema = run_config.keys_by_name()
     merged = dict(config)
     for key, text in overrides.items():
