@@ -75,6 +75,15 @@ class MessageLog:
     def record(self, message_type: str, partitions) -> None:
         self.entries.extend({"type": message_type, "partition": partition, "phase": self.phase} for partition in partitions)
 
+    def counts(self, phases) -> dict[str, int]:
+        """Messages sent in ``phases``, by message type (each one client's computation)."""
+        wanted = set(phases)
+        counts: dict[str, int] = {}
+        for entry in self.entries:
+            if entry["phase"] in wanted:
+                counts[str(entry["type"])] = counts.get(str(entry["type"]), 0) + 1
+        return dict(sorted(counts.items()))
+
     def summary(self) -> dict[str, object]:
         counts: dict[str, int] = {}
         for entry in self.entries:

@@ -45,6 +45,17 @@ NOISE_FLOOR_SALT = "noise-floor"
 ALSO_EVALUATED_KEYS = ("test_accuracy", "test_accuracy_vote", "forget_accuracy", "asr")
 
 
+def client_cost(messages: dict[str, int]) -> dict[str, Any]:
+    """What a phase cost the clients: ``client_trainings`` (train messages: one local training each, as
+    many epochs as the message says), ``client_computations`` (every message a client computed on: local
+    trainings, client solves, gradient / curvature / factor queries) and the messages by type."""
+    return {
+        "client_trainings": messages.get("train", 0),
+        "client_computations": sum(messages.values()),
+        "client_messages": messages,
+    }
+
+
 def deletion_round(config: dict[str, Any]) -> int:
     return config["unlearn-after-round"] or config["num-rounds"]
 
@@ -106,7 +117,7 @@ class FederatedJob:
         self.on_phase("training")
         start = time.perf_counter()
         trained_state = self._train(self.initial_state, rounds=stop_round, first_round=1, participants=list(clients), hooks=round_hooks)
-        self.record.methods["original"] = {"seconds": time.perf_counter() - start}
+        self.record.methods["original"] = {"seconds": time.perf_counter() - start, **client_cost(self.log.counts(["training"]))}
         atomic_torch_save(trained_state, self.out_dir / "global_model.pt")
 
         outcomes: dict[str, tuple[Outcome, float]] = {}
@@ -123,6 +134,7 @@ class FederatedJob:
                     release(self.port, method.name, deletion, outcome)  # noise once, and ε where it is sound
                     with self.port.phase(f"repair: {method.name}"):
                         seconds += repair(self.port, deletion, outcome, int(method.config["repair-rounds"]))
+                    outcome.headline.update(client_cost(self.log.counts([f"unlearning: {method.name}", f"repair: {method.name}"])))
                 except UnlearningFailed as failure:
                     for request in accepted:
                         ledger.append(request, "failed", method=method.name, affected_clients=forget, reason=str(failure))
@@ -190,11 +202,12 @@ class FederatedJob:
         start = time.perf_counter()
         seed = derive_seed(self.config["seed"], "sampling", salt) if noise_floor else self.sampling_seed
         with self.port.phase("retrain (noise floor)" if noise_floor else "retrain"):
-            state = self.port.train(
+            training = self.port.train(
                 remaining, self.initial_state, rounds, seed=seed, evaluate_on_clients=True, shuffle_salt=salt,
-            ).state
+            )
         seconds = time.perf_counter() - start
-        info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key}
+        state = training.state
+        info = {"seconds": seconds, "rounds": rounds, "forget_clients": forget, "key": key, "client_trainings": training.client_trainings}
         retrain_cache.store(key, state, info)
         return state, {**info, "from_cache": False}
 
@@ -224,7 +237,10 @@ class FederatedJob:
             self.record.methods.setdefault(name, {}).update(values)
         if retrain_info is not None:
             retrain_seconds = retrain_info["seconds"]
-            self.record.methods["retrain"].update(seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"])
+            self.record.methods["retrain"].update(
+                seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"],
+                client_trainings=retrain_info.get("client_trainings"), communication_rounds=retrain_info["rounds"],
+            )
             if second is not None:
                 self.record.methods[NOISE_FLOOR_ROW].update(seconds=second[1]["seconds"], retrain_from_cache=second[1]["from_cache"])
                 self.record.noise_floor = distances(self.record.methods[NOISE_FLOOR_ROW])

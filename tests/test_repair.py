@@ -75,6 +75,11 @@ def test_the_job_repairs_the_variant_only_on_remaining_clients_and_counts_the_ro
     plain, repaired = record.methods["naive-ga"], record.methods["naive-ga[repair-rounds=2]"]
     assert plain["communication_rounds"] == 1 and repaired["communication_rounds"] == 3
     assert "repair" not in plain["details"] and repaired["details"]["repair"]["rounds"] == 2
+    # What each cost the clients: the ascent is one train.unlearn to client 1; repair adds 2 rounds x 3 trainings.
+    assert (plain["client_trainings"], plain["client_computations"]) == (0, 1)
+    assert plain["client_messages"] == {"train.unlearn": 1}
+    assert (repaired["client_trainings"], repaired["client_computations"]) == (6, 7)
+    assert record.methods["original"]["client_trainings"] == 3 * 4 and record.methods["retrain"]["client_trainings"] == 3 * 3
     log = record.communication["log"]
     repair_messages = [e for e in log if e["phase"] == "repair: naive-ga[repair-rounds=2]"]
     assert sorted(e["partition"] for e in repair_messages) == [0, 0, 2, 2, 3, 3]
