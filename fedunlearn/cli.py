@@ -1,4 +1,4 @@
-"""``fedunlearn`` command line: ``run``, ``presets``, ``methods``, ``keys``.
+"""``fedunlearn`` command line: ``run``, ``presets``, ``methods``, ``keys``, ``frontier``.
 
 Bad input (unknown key, bad value, missing data) prints one line naming the key, the value and the
 valid choices, and exits with code 2 before anything is written.
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the presets in simulations/")
     commands.add_parser("methods", help="list the unlearning methods, what each needs and its own keys")
     commands.add_parser("keys", help="list every run-config key with its default and valid values")
+    frontier = commands.add_parser("frontier", help="a run's methods by cost and distance from retrain, the Pareto frontier marked")
+    frontier.add_argument("results", help="a run folder or its results.json")
     return parser
 
 
@@ -95,9 +97,22 @@ def _command_keys(_: argparse.Namespace) -> int:
     return 0
 
 
+def _command_frontier(args: argparse.Namespace) -> int:
+    from fedunlearn.frontier import frontier_table, load_results
+
+    path = Path(args.results)
+    if not (path / "results.json" if path.is_dir() else path).is_file():
+        raise ConfigError("results", args.results, "a run folder holding results.json, or a results.json file")
+    sys.stdout.write(frontier_table(load_results(path)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _command_run, "presets": _command_presets, "methods": _command_methods, "keys": _command_keys}
+    handlers = {
+        "run": _command_run, "presets": _command_presets, "methods": _command_methods, "keys": _command_keys,
+        "frontier": _command_frontier,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as error:
