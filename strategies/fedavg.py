@@ -50,6 +50,9 @@ class SeededFedAvg(FedAvg):
         # Aggregated client metrics by round, readable while the round is still running
         # (Strategy.start only hands its Result back at the end).
         self.client_metrics: dict[int, dict[str, float]] = {}
+        # (round as the clients saw it, reason) of every train reply that came back as an error; FedAvg
+        # averages the others (Flower's behaviour), and port.train refuses a result that lost any.
+        self.failures: list[tuple[int, str]] = []
 
     def _sample(self, fraction: float, minimum: int) -> list[int]:
         size = min(len(self.participants), max(int(len(self.participants) * fraction), minimum))
@@ -101,6 +104,7 @@ class SeededFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._by_partition(replies)
+        self.failures += [(self.round_offset + server_round, reply.error.reason) for reply in replies if reply.has_error()]
         if self.hooks:
             client_states, num_examples = {}, {}
             for reply in replies:

@@ -126,6 +126,13 @@ class GridPort:
             shuffle_salt=shuffle_salt,
         )
         state = self.run_fedavg(strategy, start, rounds, evaluate_fn)
+        if strategy.failures:
+            # A method's rounds (fine-tuning, repair, SISA's stages, a retrain) averaged without some
+            # client, or without any (an empty model): not the training asked for.
+            server_round, reason = strategy.failures[0]
+            raise UnlearningFailed(
+                f"train: {len(strategy.failures)} client training(s) failed, the first in round {server_round}: {reason}"
+            )
         return Training(state=state, client_trainings=sum(len(trained) for trained in strategy.trained_partitions.values()))
 
     def fedavg(

@@ -87,3 +87,28 @@ def test_the_job_repairs_the_variant_only_on_remaining_clients_and_counts_the_ro
     assert not [e for e in log if e["phase"] == "repair: naive-ga"]
     # The same ascent, then two rounds of the remaining clients' training: closer to retrain than the ascent alone.
     assert repaired["kl_to_retrain"] < plain["kl_to_retrain"]
+
+
+def test_a_client_failing_in_the_repair_rounds_fails_that_method_not_the_run(tmp_path):
+    """FedAvg (Flower's) averages whatever replies come back; a repair round that lost a client is not the
+    repair asked for (and one that lost all of them gave an empty model): the variant fails, its request
+    is logged failed, the unrepaired method and the retrain are unaffected."""
+    config = _config(tmp_path, **{"unlearn-methods": "naive-ga,naive-ga[repair-rounds=2]", "forget-clients": "1", "ga-epochs": 1})
+    grid = FakeGrid(build_client_app(bound_config=config), 4)
+    original_send, armed = grid.send_and_receive, []
+
+    def failing_first_repair_round(messages, timeout=None):
+        messages = list(messages)
+        types = {m.metadata.message_type for m in messages}
+        if "train.unlearn" in types:
+            armed.append(True)
+        grid.fail = {2} if armed == [True, True] and types == {"train"} else set()
+        if types == {"train"} and armed == [True, True]:
+            armed.append(False)  # only the first repair round's batch
+        return original_send(messages, timeout=timeout)
+
+    grid.send_and_receive = failing_first_repair_round
+    record = FederatedJob(grid, config, None, None).run()
+    failed = record.methods["naive-ga[repair-rounds=2]"]["failed"]
+    assert "1 client training(s) failed" in failed and "round 4" in failed and "told to fail" in failed
+    assert "kl_to_retrain" in record.methods["naive-ga"] and "kl_to_retrain" in record.methods["retrain"]
