@@ -134,8 +134,9 @@ def build_client_app(bound_config: dict[str, Any] | None = None) -> ClientApp:
         client_context = ClientContext(
             partition_id=partition_id,
             num_examples=len(forget_data),
-            total_examples=int(request["num-total-examples"]),
-            influence_weight=len(forget_data) * float(request["influence-weight-per-example"]),
+            # Influence-step methods send these two; others (pga) need not.
+            total_examples=int(request.get("num-total-examples", 0)),
+            influence_weight=len(forget_data) * float(request.get("influence-weight-per-example", 0.0)),
             seed=int(federation.config["seed"]),
             device=device,
             request=dict(request),

@@ -201,15 +201,7 @@ class ProjectedGradientAscent(Method):
         else:
             distances = self.random_model_distances(port, reference)
             radius = radius_from(distances, float(self.config["pga-radius-fraction"]), str(self.config["pga-radius-average"]))
-        total_examples = sum(info.num_examples for info in port.clients.values())
-        forgotten_examples = sum(port.clients[k].num_examples for k in affected)
-        request = {
-            "method": self.name,
-            RADIUS_KEY: radius,
-            # The client app reads these two for every train.unlearn (ClientContext); PGA does not use them.
-            "num-total-examples": total_examples,
-            "influence-weight-per-example": 1.0 / max(total_examples - forgotten_examples, 1),
-        }
+        request = {"method": self.name, RADIUS_KEY: radius}
         server_seconds = time.perf_counter() - start
         replies = port.send(UNLEARN, affected, {"arrays": reference}, request)
         sizes = {k: int(replies[k].metrics["num-examples"]) for k in affected}
