@@ -130,9 +130,11 @@ class Ledger:
 
 
 def screen_requests(
-    requests: Iterable[DeletionRequest], known_clients: Iterable[int], ledger: Ledger
+    requests: Iterable[DeletionRequest], known_clients: Iterable[int], ledger: Ledger,
+    refused: list[tuple[DeletionRequest, str]] | None = None,
 ) -> list[DeletionRequest]:
-    """Log every request; refuse the ones that cannot be acted on; return the rest (pending)."""
+    """Log every request; refuse the ones that cannot be acted on (appended with the reason to
+    ``refused`` when given); return the rest (pending)."""
     known = set(known_clients)
     already_deleted = ledger.deleted_clients()
     accepted: list[DeletionRequest] = []
@@ -148,6 +150,8 @@ def screen_requests(
             reason = f"client(s) {repeated} already deleted by an earlier request"
         if reason:
             ledger.append(request, "refused", reason=reason)
+            if refused is not None:
+                refused.append((request, reason))
             continue
         ledger.append(request, "pending")
         already_deleted.update(request.clients)

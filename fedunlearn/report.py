@@ -167,6 +167,12 @@ def print_summary(study: StudyRecord) -> None:
     console.print(table)
     for name, reason in failed.items():
         console.print(f"[red]{escape(name)} failed[/red]: {escape(str(reason))}")
+    for _, record in study.runs[:1]:
+        for request in record.refused_requests:
+            console.print(
+                f"[yellow]deletion of client(s) {request['clients']} refused[/yellow]: {escape(request['reason'])} "
+                f"(the ledger in {escape(str(record.config['out-dir']))}; write to another --out to start afresh)"
+            )
     for spec, record in study.runs[:1]:
         sizes = record.partitions.get("sizes", [])
         if sizes and runs == 1:

@@ -53,6 +53,9 @@ class RunRecord:
     noise_floor: dict[str, Any] | None = None
     # The U-LiRA shadow federations (count, clients in each, seconds, cache hits); None without them.
     lira: dict[str, Any] | None = None
+    # Deletion requests the run refused (already applied by an earlier run into the same out-dir, unknown
+    # client, unsupported grain), each with its clients and the reason.
+    refused_requests: list[dict[str, Any]] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -78,6 +81,7 @@ class RunRecord:
             "communication": self.communication,
             "noise_floor": self.noise_floor,
             "lira": self.lira,
+            "refused_requests": self.refused_requests,
             "wall_seconds": round(self.elapsed(), 3),
             "versions": library_versions(),
         }

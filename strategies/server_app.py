@@ -107,7 +107,9 @@ class FederatedJob:
         requests = requests_from_config(config["forget-clients"])
         if config["deletion-requests"]:
             requests += requests_from_file(config["deletion-requests"])
-        accepted = screen_requests(requests, clients, ledger)
+        refused: list = []
+        accepted = screen_requests(requests, clients, ledger, refused)
+        self.record.refused_requests = [{"clients": list(request.clients), "grain": request.grain, "reason": reason} for request, reason in refused]
         forget = sorted({client for request in accepted for client in request.clients})
         stop_round = deletion_round(config)
 

@@ -71,3 +71,28 @@ def test_ledger_is_append_only_json_lines(tmp_path):
     first, second = map(json.loads, lines)
     assert first["request_id"] == second["request_id"] == request.request_id
     assert (first["status"], second["status"], second["epsilon"]) == ("pending", "applied", 2.0)
+
+
+def test_a_second_run_into_the_same_out_dir_says_it_refused_the_deletion(tmp_path, capsys):
+    """The ledger is the out-dir's: running the same job there again refuses the repeated request. The
+    run must say so (results.json and the printed summary), not print a table with no method in it."""
+    from clients.client_app import build_client_app
+    from fake_grid import FakeGrid
+    from fedunlearn import config as run_config
+    from fedunlearn.report import print_summary
+    from fedunlearn.summary import RunSpec, StudyRecord
+    from strategies.server_app import FederatedJob
+
+    config = run_config.resolve({"model": "logreg", "num-clients": 3, "num-rounds": 1, "local-epochs": 1, "mia-shadows": 0,
+                                 "retrain-cache": False, "noise-floor": False, "unlearn-methods": "finetune",
+                                 "out-dir": str(tmp_path)})
+    first = FederatedJob(FakeGrid(build_client_app(bound_config=config), 3), config, None, None).run()
+    assert first.refused_requests == [] and "finetune" in first.methods
+    second = FederatedJob(FakeGrid(build_client_app(bound_config=config), 3), config, None, None).run()
+    assert list(second.methods) == ["original"]
+    assert second.refused_requests == [{"clients": [0], "grain": "client", "reason": "client(s) [0] already deleted by an earlier request"}]
+    assert json.loads((tmp_path / "results.json").read_text())["refused_requests"] == second.refused_requests
+    study = StudyRecord(config)
+    study.runs.append((RunSpec(0, "0", tmp_path), second))
+    print_summary(study)
+    assert "deletion of client(s) [0] refused" in capsys.readouterr().out
