@@ -241,7 +241,8 @@ class FederatedJob:
             retrain_seconds = retrain_info["seconds"]
             self.record.methods["retrain"].update(
                 seconds=retrain_seconds, speedup=1.0, retrain_from_cache=retrain_info["from_cache"],
-                client_trainings=retrain_info.get("client_trainings"), communication_rounds=retrain_info["rounds"],
+                client_trainings=retrain_info.get("client_trainings"), client_computations=retrain_info.get("client_trainings"),
+                communication_rounds=retrain_info["rounds"],
             )
             if second is not None:
                 self.record.methods[NOISE_FLOOR_ROW].update(seconds=second[1]["seconds"], retrain_from_cache=second[1]["from_cache"])
