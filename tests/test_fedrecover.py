@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from fake_grid import grid_port
+from clients.client_app import build_client_app
+from fake_grid import FakeGrid, grid_port
 from fedunlearn import config as run_config
 from fedunlearn.environment import quiet_logging
 from fedunlearn.errors import ConfigError
@@ -25,6 +26,7 @@ from fedunlearn.unlearning.methods.fedrecover import (
     lbfgs_hvp,
     recover,
 )
+from strategies.server_app import FederatedJob
 
 quiet_logging()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,6 +211,9 @@ def test_with_zero_estimation_error_the_estimated_trajectory_is_the_exact_recove
     else:
         assert details["no_pairs"]  # a client first sampled after warm-up is asked, not guessed
     assert all(error < 1e-9 for error in details["estimation_error"].values())
+    # Without the curvature term (H̃ = 0: the stored updates as they are) the same rounds are far off.
+    assert details["stored_update_error"].keys() == details["estimation_error"].keys()
+    assert all(error > 1e-3 for error in details["stored_update_error"].values())
 
 
 def test_an_abnormal_estimate_is_replaced_by_the_clients_exact_update():
@@ -325,6 +330,22 @@ def test_with_fraction_train_below_one_each_round_replays_its_own_sampled_remain
         state = {n: sum(m[n] * (size / sum(sizes)) for m, size in zip(models, sizes)) for n in state}
     for name, value in state.items():
         torch.testing.assert_close(outcome.state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_in_a_job_fedrecover_reports_its_cost_and_every_round_exact_is_the_jobs_own_retrain(tmp_path):
+    config = _config(tmp_path, **{"num-rounds": 4, "forget-clients": "1", "noise-floor": False,
+                                   "unlearn-methods": "fedrecover[fedrecover-warmup=4],fedrecover[fedrecover-warmup=2;fedrecover-final-tuning=1]"})
+    grid = FakeGrid(build_client_app(bound_config=config), 4)
+    record = FederatedJob(grid, config, None, None).run()
+    exact = record.methods["fedrecover[fedrecover-warmup=4]"]
+    assert exact["kl_to_retrain"] < 1e-9 and exact["test_accuracy"] == record.methods["retrain"]["test_accuracy"]
+    assert exact["communication_rounds"] == 4 and exact["client_trainings"] == 12
+    cheap = record.methods["fedrecover[fedrecover-warmup=2;fedrecover-final-tuning=1]"]
+    assert cheap["communication_rounds"] == 3 and cheap["details"]["estimated_rounds"] == [3]
+    assert cheap["client_trainings"] == 9 and cheap["details"]["retrain_client_trainings"] == 12
+    assert cheap["storage_bytes"] == exact["storage_bytes"] > 0
+    phases = [entry for entry in record.communication["log"] if entry["phase"].startswith("unlearning: fedrecover")]
+    assert phases and all(entry["partition"] != 1 for entry in phases)
 
 
 # --- configuration -------------------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def recover(
     abnormal: dict[str, list[int]] = {}
     no_pairs: dict[str, list[int]] = {}
     estimation_error: dict[str, float] = {}
+    stored_update_error: dict[str, float] = {}
     estimated_rounds, skipped, participants_of = [], [], {}
     client_trainings = estimated_updates = retrain_trainings = 0
 
@@ -279,13 +280,17 @@ def recover(
             for k in sorted(ask):
                 returned[k] = replies[k]
                 exact_g[k] = -(_vector(replies[k], names) - recovered) / eta
-            # How good the estimate would have been where both exist (before the new pairs enter).
+            # How far the estimate was from the exact update where both exist (before the new pairs enter):
+            # relative error of the example-weighted mean over those clients.
             compared = [k for k in sorted(ask) if k in estimates]
             if compared and t > schedule.warmup:
                 total = sum(sizes[k] for k in compared)
                 estimate_mean = sum((sizes[k] / total) * estimates[k] for k in compared)
+                stored_mean = sum((sizes[k] / total) * stored_g[k] for k in compared)
                 exact_mean = sum((sizes[k] / total) * exact_g[k] for k in compared)
                 estimation_error[str(t)] = float((estimate_mean - exact_mean).norm() / exact_mean.norm())
+                # The same without the curvature term (H̃ = 0: the stored updates replayed as they are).
+                stored_update_error[str(t)] = float((stored_mean - exact_mean).norm() / exact_mean.norm())
             for k in sorted(ask):
                 buffers[k].add(t, delta_w, exact_g[k] - stored_g[k])
         estimated = [k for k in participants if k not in returned]
@@ -312,6 +317,7 @@ def recover(
         "client_trainings": client_trainings,
         "retrain_client_trainings": retrain_trainings,
         "estimation_error": estimation_error,
+        "stored_update_error": stored_update_error,
         "abnormality_threshold": tau,
         "tolerance": tolerance,
         "schedule": {"rounds": schedule.rounds, "warmup": schedule.warmup, "correction_period": schedule.period,
