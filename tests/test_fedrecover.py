@@ -25,6 +25,7 @@ from fedunlearn.unlearning.methods.fedrecover import (
     abnormality_threshold,
     lbfgs_hvp,
     recover,
+    update_scale,
 )
 from strategies.server_app import FederatedJob
 
@@ -214,6 +215,25 @@ def test_with_zero_estimation_error_the_estimated_trajectory_is_the_exact_recove
     # Without the curvature term (H̃ = 0: the stored updates as they are) the same rounds are far off.
     assert details["stored_update_error"].keys() == details["estimation_error"].keys()
     assert all(error > 1e-3 for error in details["stored_update_error"].values())
+
+
+def test_with_a_decaying_lr_only_the_round_lr_scale_keeps_the_pairs_of_different_rounds_comparable():
+    num_clients, rounds = 5, 10
+    lr_of = lambda t: 0.3 * 0.8 ** (t - 1)  # noqa: E731
+    sizes = {k: 10 + k for k in range(num_clients)}
+    clients = _QuadraticClients(num_clients, seed=11, lr_of=lr_of)
+    stored, _ = _history(clients, sizes, rounds, {t: list(range(num_clients)) for t in range(1, rounds + 1)})
+    schedule, remaining = Schedule(rounds=rounds, warmup=3, period=4, final=1), [0, 2, 3, 4]
+    exact, _ = recover(stored, remaining, sizes, clients, Schedule(rounds, rounds, 1, 0), 2, lr_of, None)
+    scaled, _ = recover(stored, remaining, sizes, clients, schedule, 2, lr_of, None)
+    base, _ = recover(stored, remaining, sizes, clients, schedule, 2, lambda t: 0.3, None)
+    torch.testing.assert_close(scaled["w"], exact["w"], rtol=1e-9, atol=1e-9)
+    assert (base["w"] - exact["w"]).abs().max() > 1e-3
+    config = run_config.resolve({"lr": 0.3, "lr-decay": 0.8})
+    assert update_scale(config)(3) == pytest.approx(0.3 * 0.64)
+    assert update_scale({**config, "fedrecover-update-scale": "lr"})(3) == 0.3
+    with pytest.raises(ConfigError, match="round-lr, lr"):
+        run_config.resolve({"fedrecover-update-scale": "per-round"})
 
 
 def test_an_abnormal_estimate_is_replaced_by_the_clients_exact_update():

@@ -11,7 +11,9 @@ against with the learning rate) to be
 so that a round is w_{t+1} = w_t − η_t Σ_k p_k g_k^t = w_t + Σ_k p_k U_k^t, p_k = n_k / Σ_{j∈R_t} n_j over R_t,
 the clients of round t that remain (sampled in t, not deleted). Dividing by η_t keeps the curvature pairs of
 different rounds in the same units when the lr decays (with lr-decay = 1 it is a constant factor, which the
-L-BFGS estimate is invariant to).
+L-BFGS estimate is invariant to). ``fedrecover-update-scale = "lr"`` divides by the base lr instead, so pairs
+of earlier (larger-lr) rounds over-correct later ones; kept because it measured closer to retrain on the
+decaying-lr preset (docs/methods.md).
 
 Recovery replays rounds t = 1..T from ŵ_1 = w_1 (the initial model). In round t client k's update at the
 recovered model is either *exact* (a ``train`` message numbered t: its ordinary local training with round t's lr
@@ -78,6 +80,17 @@ from fedunlearn.unlearning.registry import register
 CURVATURE_COSINE = 1e-10
 
 WARMUP, PERIODIC, FINAL, ABNORMAL, NO_PAIRS = "warm-up", "periodic", "final", "abnormal", "no-pairs"
+
+# What a stored or fresh update U is divided by to give the paper's g: round t's lr, or the base lr.
+UPDATE_SCALES = ("round-lr", "lr")
+
+
+def update_scale(config: Mapping[str, Any]) -> Callable[[int], float]:
+    """η_t with g = −U/η_t: ``round-lr`` (lr · lr-decay^(t−1)) or ``lr`` (the base lr every round)."""
+    lr, decay = float(config["lr"]), float(config["lr-decay"])
+    if config["fedrecover-update-scale"] == "round-lr":
+        return lambda t: round_lr(lr, decay, t)
+    return lambda t: lr
 
 
 @dataclass(frozen=True)
@@ -360,6 +373,11 @@ class FedRecover(Method):
         ConfigKey("fedrecover-buffer-size", 2, "fedrecover: L-BFGS pairs kept per client (s).", check=positive_int),
         ConfigKey("fedrecover-tolerance", 0.0, "fedrecover: tolerance rate α of the abnormality threshold τ (at most this fraction of the stored update coordinates of any round exceed τ; 0: τ is their largest).", check=closed_unit_interval),
         ConfigKey("fedrecover-abnormality-fixing", True, "fedrecover: ask a client for its exact update when its estimate has a coordinate above τ (false: τ = ∞)."),
+        ConfigKey(
+            "fedrecover-update-scale", "round-lr",
+            "fedrecover: the client's update g = −(returned − sent model) / η_t with η_t the round's lr (round-lr: g is lr-free, as the paper's gradient) or the base lr (lr); the same unless lr-decay < 1.",
+            choices=UPDATE_SCALES,
+        ),
     )
 
     def unlearn(self, port: FederationPort, deletion: Deletion) -> Outcome:
@@ -376,11 +394,10 @@ class FedRecover(Method):
         )
         clients = _PortExactClients(port)
         sizes = {k: info.num_examples for k, info in port.clients.items()}
-        lr, decay = float(config["lr"]), float(config["lr-decay"])
         tolerance = float(config["fedrecover-tolerance"]) if config["fedrecover-abnormality-fixing"] else None
         state, details = recover(
             stored, remaining, sizes, clients, schedule, int(config["fedrecover-buffer-size"]),
-            lambda t: round_lr(lr, decay, t), tolerance,
+            update_scale(config), tolerance,
         )
         return Outcome(
             state=state,
