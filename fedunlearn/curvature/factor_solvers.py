@@ -56,6 +56,13 @@ def default_border(dim: int) -> int:
     return 1 if dim > 2 and smooth_dim(dim) != dim and smooth_dim(dim - 1) == dim - 1 else 0
 
 
+def damped_frobenius(factor: Tensor, damping: float) -> float:
+    """||A + damping I||_F of a symmetric A without forming the damped copy (d^2 numbers):
+    sqrt(||A||_F^2 + 2 damping tr A + damping^2 d), the norm taken in float64 below 2^24 entries."""
+    fro2 = float(torch.linalg.matrix_norm(factor.to(torch.float64) if factor.numel() < 1 << 24 else factor)) ** 2
+    return math.sqrt(max(fro2 + 2 * damping * float(torch.trace(factor)) + damping**2 * factor.shape[0], 0.0))
+
+
 def _check_damping(damping: float) -> None:
     if not (damping > 0 and math.isfinite(damping)):
         raise ConfigError("damping", damping, "a number > 0 (the factor inverses need A + lambda I > 0)")
@@ -205,8 +212,7 @@ class MPOFactorInverse:
         else:
             self._a12 = self._a22 = None
         compress_seconds = time.perf_counter() - start
-        factor_fro2 = float(torch.linalg.matrix_norm(factor.to(torch.float64) if factor.numel() < 1 << 24 else factor)) ** 2
-        damped_fro = math.sqrt(max(factor_fro2 + 2 * self.damping * float(torch.trace(factor)) + self.damping**2 * self.dim, 0.0))
+        damped_fro = damped_frobenius(factor, self.damping)
         border_bytes = 0 if self._a12 is None else (self._a12.numel() + self._a22.numel()) * 8
         self.diagnostics = {
             "solver": "mpo",

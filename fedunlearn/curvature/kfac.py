@@ -18,14 +18,13 @@ tokens) have no KFAC curvature; they get the damped-identity update gradient / l
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fedunlearn.curvature.factor_solvers import make_factor_inverse
+from fedunlearn.curvature.factor_solvers import damped_frobenius, make_factor_inverse
 from fedunlearn.curvature.products import Batches, resolve_param_names
 from fedunlearn.curvature.settings import SolverSettings
 from fedunlearn.errors import ConfigError
@@ -131,13 +130,6 @@ def sum_factors(
     return total
 
 
-def _damped_frobenius(factor: Tensor, damping: float) -> float:
-    """||A + damping I||_F of a symmetric A without forming the damped copy (d^2 numbers):
-    sqrt(||A||_F^2 + 2 damping tr A + damping^2 d)."""
-    squared = float(torch.linalg.matrix_norm(factor)) ** 2 + 2 * damping * float(torch.trace(factor)) + damping**2 * factor.shape[0]
-    return math.sqrt(max(squared, 0.0))
-
-
 def _joint_gradient(weight_grad: Tensor, bias_grad: Tensor | None) -> Tensor:
     joint = weight_grad.reshape(weight_grad.shape[0], -1)
     if bias_grad is not None:
@@ -213,7 +205,7 @@ class KFACInverse:
             self.inverses[layer] = (a_inverse, g_inverse)
             eps_a = a_inverse.diagnostics.get("truncation_error", 0.0)
             eps_g = g_inverse.diagnostics.get("truncation_error", 0.0)
-            a_fro, g_fro = _damped_frobenius(a, damping), _damped_frobenius(g, damping)
+            a_fro, g_fro = damped_frobenius(a, damping), damped_frobenius(g, damping)
             layer_diagnostics[layer] = {
                 "A": a_inverse.diagnostics,
                 "G": g_inverse.diagnostics,

@@ -53,3 +53,9 @@ def storage_bytes(stored: Mapping[int, StoredRound]) -> int:
         for update in entry.client_updates.values()
         for tensor in update.values()
     )
+
+
+def weighted_mean(states: Mapping[int, State], weights: Mapping[int, float], names: Sequence[str]) -> State:
+    """Σ_k w_k state_k per named entry, summed in partition order (float sums depend on order): the
+    FedAvg of client models or updates, e.g. of a stored round's remaining clients."""
+    return {name: sum(weights[k] * states[k][name] for k in sorted(weights)) for name in names}

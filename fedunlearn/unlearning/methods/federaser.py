@@ -40,7 +40,7 @@ import torch
 from fedunlearn.config import ConfigKey, positive_int, unit_interval
 from fedunlearn.errors import UnlearningFailed
 from fedunlearn.unlearning.api import TRAIN, Deletion, Every, FederationPort, Method, Outcome, Requirements, State
-from fedunlearn.unlearning.history import StoredRound, storage_bytes
+from fedunlearn.unlearning.history import StoredRound, storage_bytes, weighted_mean
 from fedunlearn.unlearning.registry import register
 
 # A calibration message carries the replayed round's number, so the client trains with that round's lr
@@ -65,11 +65,6 @@ def calibration_epochs(ratio: float, local_epochs: int) -> int:
 
 def _float_names(state: State) -> list[str]:
     return [name for name, tensor in state.items() if torch.is_floating_point(tensor)]
-
-
-def weighted_mean(updates: Mapping[int, State], weights: Mapping[int, float], names: Sequence[str]) -> State:
-    """Σ_k w_k U_k per named entry, summed in partition order (float sums depend on order)."""
-    return {name: sum(weights[k] * updates[k][name] for k in sorted(weights)) for name in names}
 
 
 def _rescaled(magnitude_of: torch.Tensor, direction_of: torch.Tensor) -> torch.Tensor:

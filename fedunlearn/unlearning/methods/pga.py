@@ -58,6 +58,7 @@ from fedunlearn.unlearning.api import (
     State,
     TrainingHook,
 )
+from fedunlearn.unlearning.history import weighted_mean
 from fedunlearn.unlearning.influence import norm_of
 from fedunlearn.unlearning.objective import count_examples
 from fedunlearn.unlearning.registry import register
@@ -83,17 +84,6 @@ class LastRound(TrainingHook):
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for state in self.client_states.values() for t in state.values())
-
-
-def weighted_mean(states: Mapping[int, State], weights: Mapping[int, float], like: State) -> State:
-    """Σ_k w_k state_k for every float entry of ``like`` (summed in partition order); other entries from ``like``."""
-    mean = {}
-    for name, tensor in like.items():
-        if torch.is_floating_point(tensor):
-            mean[name] = sum(weights[k] * states[k][name].to(tensor.dtype) for k in sorted(weights))
-        else:
-            mean[name] = tensor.clone()
-    return mean
 
 
 def l2_distance(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
@@ -177,7 +167,11 @@ class ProjectedGradientAscent(Method):
             )
         total = sum(kept.num_examples[k] for k in others)
         weights = {k: kept.num_examples[k] / total for k in others}
-        return weighted_mean(kept.client_states, weights, deletion.trained_state), others
+        trained = deletion.trained_state
+        floats = [name for name, tensor in trained.items() if torch.is_floating_point(tensor)]
+        # Float entries: the weighted mean; other entries (none in this project's models): θ*'s.
+        mean = weighted_mean(kept.client_states, weights, floats)
+        return {name: mean[name] if name in mean else tensor.clone() for name, tensor in trained.items()}, others
 
     def random_model_distances(self, port: FederationPort, reference: State) -> list[float]:
         """‖w_ref − r_k‖ over the parameters for ``pga-random-models`` fresh initialisations r_k."""
